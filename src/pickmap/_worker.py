@@ -1,0 +1,253 @@
+"""The worker side of pickmap, and the messages that cross to it.
+
+Every backend runs this same code; only the channel differs (a pipe to a
+process, a queue to a thread, a direct call for ``serial``). Data flow for
+one ``pmap`` call on a process backend::
+
+    caller thread (engine.py)                            worker process (this module)
+    ─────────────────────────                            ─────────────────────────────
+    probe: serialize func once ──┐
+                                 │  SETUP(call, flags) + func bytes [+ initializer]
+    first chunk for this worker ─┴───────────────────────────────▶ loads func, run
+                                                                   initializer, keep
+                                                                   both for this call
+    chunker: next items ─▶ dumps │  CHUNK(call, seq, start) + items bytes
+                                 └───────────────────────────────▶ loads items,
+                                                                   results = map(func)
+                                    RESULT(seq, seconds) + results bytes
+    ordered/unordered emit ◀───────────────────────────────────── dumps results
+                                    ERROR(seq, index, repr, traceback) + exception
+                                                                   (+ results before it)
+                                    UNSENDABLE(seq, index, type, reason)
+                                                                   a result that cannot
+                                                                   be serialized
+                                    SETUP_FAILED(call, stage, repr, traceback) + exception
+                                                                   callable, initializer or
+                                                                   items could not load/run
+                                    BYE                            idle too long: exits
+                                                                   without reading more
+    engine also waits on the process sentinel (death), and reads the shared
+    progress slot [item index, start time] to enforce ``timeout=`` per item.
+
+A worker holds one call's callable at a time: a SETUP for a new call replaces
+the previous callable, so nothing leaks from one call into the next. At most
+two chunks are queued per worker (see engine.py), so a pipe never holds more
+than a bounded amount of work.
+
+Messages are ``(header, payloads)``: ``header`` is a small tuple whose first
+field is the kind; ``payloads`` holds serialized blobs (bytes for processes,
+objects for threads). On a pipe, small messages go as one frame; large
+payloads (a 50 MB callable) follow the header as separate frames so they are
+never copied into a second pickle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import signal
+import time
+import traceback
+from typing import Any, Callable, Iterator, Sequence
+
+from .serializers import Serializer, get_serializer
+
+# Message kinds, caller -> worker.
+SETUP, CHUNK, STOP = 1, 2, 3
+# Message kinds, worker -> caller.
+RESULT, ERROR, UNSENDABLE, SETUP_FAILED, BYE = 11, 12, 13, 14, 15
+
+Header = tuple
+Message = tuple[Header, Sequence[Any]]
+
+# Set in every pickmap worker (process or thread); nested pmap calls read it.
+_IN_WORKER = False
+_INLINE_FRAME_LIMIT = 1 << 20
+
+
+def in_worker() -> bool:
+    """True inside a pickmap worker process or worker thread."""
+    import threading
+
+    return _IN_WORKER or getattr(threading.current_thread(), "_pickmap_worker", False)
+
+
+# --------------------------------------------------------------------------- pipe framing
+def send_message(conn: Any, header: Header, payloads: Sequence[bytes] = ()) -> None:
+    """Write one message on a multiprocessing Connection (one frame if small)."""
+    if sum(len(p) for p in payloads) <= _INLINE_FRAME_LIMIT:
+        conn.send_bytes(pickle.dumps((header, tuple(payloads)), pickle.HIGHEST_PROTOCOL))
+        return
+    conn.send_bytes(pickle.dumps((header, len(payloads)), pickle.HIGHEST_PROTOCOL))
+    for payload in payloads:
+        conn.send_bytes(payload)
+
+
+def recv_message(conn: Any) -> Message:
+    header, payloads = pickle.loads(conn.recv_bytes())
+    if isinstance(payloads, int):
+        payloads = tuple(conn.recv_bytes() for _ in range(payloads))
+    return header, payloads
+
+
+# --------------------------------------------------------------------------- running items
+def run_items(
+    func: Callable[..., Any],
+    items: Sequence[Any],
+    start: int,
+    *,
+    star: bool,
+    collect: bool,
+    progress: Any = None,
+) -> tuple[list[Any], int | None, BaseException | None]:
+    """Apply ``func`` to ``items``; return ``(results, failed_index, exception)``.
+
+    The fast path is ``list.extend(map(...))``, which keeps the results made
+    before an exception, so the failing index is ``start + len(results)``.
+    With ``progress`` (a shared ``[index, start_time]`` slot, used when a
+    timeout is set) or ``collect`` (exceptions become results), items run one
+    by one so the caller can see which item is running.
+    """
+    results: list[Any] = []
+    if progress is None and not collect:
+        try:
+            results.extend(itertools.starmap(func, items) if star else map(func, items))
+        except BaseException as exc:  # noqa: BLE001 - everything is reported back
+            return results, start + len(results), exc
+        return results, None, None
+    for offset, item in enumerate(items):
+        if progress is not None:
+            progress[1] = time.monotonic()
+            progress[0] = start + offset
+        try:
+            results.append(func(*item) if star else func(item))
+        except BaseException as exc:  # noqa: BLE001
+            if not collect:
+                return results, start + offset, exc
+            results.append(exc)
+    if progress is not None:
+        progress[1] = 0.0
+    return results, None, None
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str]:
+    """``(repr, formatted traceback)`` — what survives even if the exception cannot."""
+    return repr(exc), "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class WorkerState:
+    """One worker's memory between messages: the current call's callable and flags."""
+
+    def __init__(self, serializer: Serializer, progress: Any = None) -> None:
+        self.serializer = serializer
+        self.progress = progress
+        self.call_id: int | None = None
+        self.func: Callable[..., Any] | None = None
+        self.star = self.collect = self.timed = False
+
+    def handle(self, header: Header, payloads: Sequence[Any]) -> list[Message]:
+        kind = header[0]
+        if kind == SETUP:
+            return self._setup(header, payloads)
+        if kind == CHUNK:
+            return self._chunk(header, payloads)
+        raise ValueError(f"unknown message kind {kind!r}")
+
+    def _setup(self, header: Header, payloads: Sequence[Any]) -> list[Message]:
+        _, self.call_id, self.star, self.collect, self.timed = header
+        self.func = None  # drop the previous call's callable before anything else
+        stage = "callable"
+        try:
+            func = self.serializer.loads(payloads[0])
+            if len(payloads) > 1:
+                stage = "initializer"
+                initializer, initargs = self.serializer.loads(payloads[1])
+                initializer(*initargs)
+        except BaseException as exc:  # noqa: BLE001
+            return [self._failure(stage, exc)]
+        self.func = func
+        return []
+
+    def _failure(self, stage: str, exc: BaseException) -> Message:
+        return (SETUP_FAILED, self.call_id, stage, *describe_exception(exc)), (self._dump_or_none(exc),)
+
+    def _chunk(self, header: Header, payloads: Sequence[Any]) -> list[Message]:
+        _, call_id, seq, start = header
+        if call_id != self.call_id or self.func is None:
+            return []  # setup failed and was reported; the caller is already raising
+        try:
+            items = self.serializer.loads(payloads[0])
+        except BaseException as exc:  # noqa: BLE001
+            return [self._failure(f"items from index {start}", exc)]
+        began = time.perf_counter()
+        progress = self.progress if self.timed else None
+        results, failed_at, exc = run_items(
+            self.func, items, start, star=self.star, collect=self.collect, progress=progress
+        )
+        elapsed = time.perf_counter() - began
+        if exc is not None:
+            header = (ERROR, seq, failed_at, *describe_exception(exc))
+            return [(header, (self._dump_or_none(exc), self._dump_or_none(results)))]
+        try:
+            blob = self.serializer.dumps(results)
+        except BaseException as exc:  # noqa: BLE001
+            index, bad = self._first_unsendable(results, start)
+            return [((UNSENDABLE, seq, index, type(bad).__qualname__, f"{type(exc).__name__}: {exc}"), ())]
+        return [((RESULT, seq, elapsed), (blob,))]
+
+    def _dump_or_none(self, obj: Any) -> Any:
+        try:
+            return self.serializer.dumps(obj)
+        except BaseException:  # noqa: BLE001 - the repr/traceback still travel
+            return None
+
+    def _first_unsendable(self, results: list[Any], start: int) -> tuple[int, Any]:
+        for offset, result in enumerate(results):
+            if self._dump_or_none(result) is None:
+                return start + offset, result
+        return start, results  # the list as a whole failed (should not happen)
+
+
+def serve(recv: Callable[[], Message], send: Callable[[Header, Sequence[Any]], None], state: WorkerState) -> None:
+    """The worker loop shared by process and thread workers."""
+    while True:
+        header, payloads = recv()
+        if header[0] == STOP:
+            return
+        for reply in state.handle(header, payloads):
+            send(*reply)
+
+
+# --------------------------------------------------------------------------- process entry point
+def _close_inherited(fds: Sequence[Any]) -> None:
+    # A forked child inherits the caller's ends of its siblings' pipes; holding
+    # them would keep those pipes open after the caller dies, so close them.
+    for conn in fds:
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+
+def process_main(conn: Any, serializer_name: str, progress: Any, idle_timeout: float, inherited: Sequence[Any]) -> None:
+    """Entry point of a worker process (the ``target`` of ``Process``)."""
+    global _IN_WORKER
+    _IN_WORKER = True
+    # Ctrl-C goes to the whole process group; the caller decides what happens.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _close_inherited(inherited)
+    view = memoryview(progress).cast("B").cast("d") if progress is not None else None
+    state = WorkerState(get_serializer(serializer_name), view)
+
+    def recv() -> Message:
+        if not conn.poll(idle_timeout):
+            # Idle too long: say so and leave. The caller re-queues anything it
+            # sent after our last reply, since we never read it.
+            send_message(conn, (BYE,))
+            raise SystemExit(0)
+        return recv_message(conn)
+
+    try:
+        serve(recv, lambda header, payloads: send_message(conn, header, payloads), state)
+    except (EOFError, OSError, SystemExit):
+        pass  # the caller went away or we said BYE; Process._bootstrap flushes and exits

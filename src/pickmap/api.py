@@ -1,0 +1,239 @@
+"""The front-end: ``pmap``, ``imap`` and ``explain``.
+
+Everything shared by all backends happens here, once, before any worker
+starts: argument checks, backend selection (argument, ``PICKMAP_BACKEND``,
+probe), the capability probe, peeking a sample item, and serializing the
+callable and initializer. Then ``engine.execute`` runs the call on a warm
+pool from ``pool.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from . import pool as pools
+from ._settings import check_positive_int, check_timeout, resolve_idle_timeout, resolve_start_method, resolve_workers
+from ._worker import in_worker
+from .chunking import Chunker, input_length
+from .engine import Call, execute
+from .errors import SerializationError
+from .probe import Plan, Verdict, all_verdicts, choose, try_backend
+from .registry import LADDER, get_backend, select_backend
+
+__all__ = ("pmap", "imap", "explain")
+
+_NOTHING = object()
+_NESTED_OK = ("thread", "serial")
+
+
+@dataclass
+class _Prepared:
+    plan: Plan
+    call: Call | None  # None: empty input, nothing to run
+    chunker: Chunker | None
+    idle_timeout: float
+
+
+def _check_arguments(
+    api: str,
+    func: Any,
+    iterables: tuple[Any, ...],
+    workers: Any,
+    chunksize: Any,
+    timeout: Any,
+    initializer: Any,
+    initargs: Any,
+) -> tuple[list[Iterator[Any]], float | None]:
+    if not callable(func):
+        raise TypeError(f"{api}() needs a callable as its first argument, not {type(func).__name__} {func!r:.60}")
+    if not iterables:
+        raise TypeError(f"{api}() needs at least one iterable after the function, as map() does")
+    iterators = []
+    for position, iterable in enumerate(iterables, start=2):
+        try:
+            iterators.append(iter(iterable))
+        except TypeError:
+            raise TypeError(
+                f"argument {position} of {api}() must be iterable, not {type(iterable).__name__}"
+            ) from None
+    if workers is not None:
+        check_positive_int("workers", workers)
+    if chunksize is not None:
+        check_positive_int("chunksize", chunksize)
+    if initializer is not None and not callable(initializer):
+        raise TypeError(f"initializer must be callable or None, not {type(initializer).__name__}")
+    if not isinstance(initargs, (tuple, list)):
+        raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
+    return iterators, check_timeout(timeout)
+
+
+def _prepare(
+    api: str,
+    func: Callable[..., Any],
+    iterables: tuple[Any, ...],
+    *,
+    backend: str | None,
+    workers: int | None,
+    chunksize: int | None,
+    timeout: float | None,
+    initializer: Callable[..., Any] | None,
+    initargs: Sequence[Any],
+    start_method: str | None,
+    return_exceptions: bool,
+    explaining: bool = False,
+) -> _Prepared:
+    iterators, timeout = _check_arguments(api, func, iterables, workers, chunksize, timeout, initializer, initargs)
+    method = resolve_start_method(start_method)
+    idle_timeout = resolve_idle_timeout()
+    name, source = select_backend(backend)
+    if in_worker() and name not in _NESTED_OK:
+        # Nested call inside a worker: run in place, never start processes
+        # from a worker (no process explosion, no deadlock on a full pool).
+        name, source = "serial", "nested"
+
+    star = len(iterators) > 1
+    items: Iterator[Any] = zip(*iterators) if star else iterators[0]
+    first = next(items, _NOTHING)
+    sample = [] if first is _NOTHING else [first]
+    if sample:
+        items = itertools.chain(sample, items)
+
+    if name is None:
+        name, payload, verdicts = choose(func, sample)
+    else:
+        verdict, payload = try_backend(name, func, sample)
+        if not verdict.ok and not explaining:
+            _raise_cannot_carry(name, source, verdict, func, sample)
+        verdicts = (verdict,)
+    if explaining:
+        verdicts = all_verdicts(func, sample)
+        if name not in LADDER:
+            verdicts += (try_backend(name, func, sample)[0],)
+
+    chosen = get_backend(name)
+    size = resolve_workers(workers, chosen.default_workers())
+    plan = Plan(name, source, size, method if chosen.isolated else None, tuple(verdicts))
+    if not sample:
+        return _Prepared(plan, None, None, idle_timeout)
+
+    init_payload = None
+    if initializer is not None:
+        init_reason, init_payload = _serialize_initializer(name, initializer, tuple(initargs))
+        if init_reason is not None:
+            raise SerializationError(
+                f"the initializer cannot travel with the {name!r} backend: {init_reason}",
+                backend=name,
+                what="initializer",
+            )
+    call = Call(func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout)
+    chunker = Chunker(items, input_length(iterables), size, chunksize)
+    return _Prepared(plan, call, chunker, idle_timeout)
+
+
+def _serialize_initializer(name: str, initializer: Any, initargs: tuple[Any, ...]) -> tuple[str | None, Any]:
+    verdict, payload = try_backend(name, (initializer, initargs), [])
+    return (None, payload) if verdict.ok else (verdict.reason, None)
+
+
+def _raise_cannot_carry(name: str, source: str, verdict: Verdict, func: Any, sample: list[Any]) -> None:
+    capable = [v.backend for v in all_verdicts(func, sample) if v.ok and v.backend != name]
+    where = {"argument": "backend=", "environment": "PICKMAP_BACKEND"}.get(source, source)
+    raise SerializationError(
+        f"backend {name!r} (forced by {where}) cannot carry this call: {verdict.reason}. "
+        f"Backends that can: {', '.join(capable) or 'none'}; remove the forced backend to let pickmap choose",
+        backend=name,
+        what=getattr(func, "__qualname__", type(func).__qualname__),
+        capable=capable,
+    )
+
+
+def _run(prepared: _Prepared, *, ordered: bool, eager_errors: bool, bounded: bool) -> Iterator[Any]:
+    call, chunker, plan = prepared.call, prepared.chunker, prepared.plan
+    if call is None or chunker is None:
+        return
+    pool = pools.acquire(call.backend, plan.start_method, plan.workers, prepared.idle_timeout)
+    try:
+        for results in execute(pool, call, chunker, ordered=ordered, eager_errors=eager_errors, bounded=bounded):
+            yield from results
+    finally:
+        pools.release(pool)
+
+
+def pmap(
+    func: Callable[..., Any],
+    *iterables: Iterable[Any],
+    backend: str | None = None,
+    workers: int | None = None,
+    chunksize: int | None = None,
+    timeout: float | None = None,
+    initializer: Callable[..., Any] | None = None,
+    initargs: Sequence[Any] = (),
+    start_method: str | None = None,
+    return_exceptions: bool = False,
+) -> list[Any]:
+    """``list(map(func, *iterables))``, in parallel, in input order.
+
+    ``backend``: ``"stdlib"``, ``"cloudpickle"``, ``"dill"`` (or ``"pathos"``),
+    ``"thread"``, ``"serial"``, or ``None``/``"auto"`` to read
+    ``PICKMAP_BACKEND`` and otherwise probe for the cheapest backend that can
+    carry ``func`` and the items. ``workers`` (default: ``PICKMAP_WORKERS`` or
+    the usable CPUs), ``chunksize`` (default: automatic), ``timeout`` (seconds
+    per item), ``initializer(*initargs)`` (run once in each worker before its
+    first item of this call), ``start_method`` (``"fork"``, ``"spawn"``,
+    ``"forkserver"``; default ``PICKMAP_START_METHOD`` or see docs).
+
+    The first exception raised by ``func`` is re-raised as itself, with the
+    worker's traceback as ``__cause__`` and a note naming the item; remaining
+    work is cancelled. With ``return_exceptions=True`` exceptions are returned
+    in place of their results instead.
+    """
+    prepared = _prepare(
+        "pmap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
+        initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
+    )  # fmt: skip
+    return list(_run(prepared, ordered=True, eager_errors=True, bounded=False))
+
+
+def imap(
+    func: Callable[..., Any],
+    *iterables: Iterable[Any],
+    ordered: bool = True,
+    backend: str | None = None,
+    workers: int | None = None,
+    chunksize: int | None = None,
+    timeout: float | None = None,
+    initializer: Callable[..., Any] | None = None,
+    initargs: Sequence[Any] = (),
+    start_method: str | None = None,
+    return_exceptions: bool = False,
+) -> Iterator[Any]:
+    """Like :func:`pmap`, but lazy: results stream as they complete.
+
+    ``ordered=True`` yields in input order; ``ordered=False`` in completion
+    order. The input is read only as fast as results are consumed (a bounded
+    number of chunks is in flight), so endless generators work. Arguments are
+    checked, and the backend chosen, when ``imap`` is called; work starts on
+    the first ``next()``. Closing the iterator early cancels what is running.
+    """
+    prepared = _prepare(
+        "imap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
+        initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
+    )  # fmt: skip
+    return _run(prepared, ordered=ordered, eager_errors=not ordered, bounded=True)
+
+
+def explain(func: Callable[..., Any], *iterables: Iterable[Any], backend: str | None = None) -> Plan:
+    """What :func:`pmap` would do with these arguments, without running anything.
+
+    Returns a :class:`~pickmap.probe.Plan`: ``plan.backend``, ``plan.source``
+    and one verdict per backend. It reads the first item of each iterable as a
+    sample (an iterator loses that item; pass a list or a sample).
+    """
+    if not iterables:
+        iterables = ((),)
+    return _prepare(
+        "explain", func, iterables, backend=backend, workers=None, chunksize=None, timeout=None,
+        initializer=None, initargs=(), start_method=None, return_exceptions=False, explaining=True,
+    ).plan  # fmt: skip

@@ -1,0 +1,88 @@
+"""Workers that are processes: shared by the stdlib, cloudpickle and dill backends.
+
+Each worker gets its own duplex pipe and a two-slot shared array for progress;
+the engine waits on the pipe (replies) and on the process sentinel (death).
+A backend only chooses the serializer and which ``multiprocessing``-like
+package starts the processes (``multiprocessing`` or pathos' ``multiprocess``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from typing import Any, ClassVar, Sequence
+
+from .._worker import Header, Message, STOP, process_main, recv_message, send_message
+from .base import Backend, Worker
+
+# The caller's ends of every live worker pipe. A worker started by fork
+# inherits them and must close them (see _worker._close_inherited).
+_CALLER_ENDS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+class ProcessWorker(Worker):
+    def __init__(self, context: Any, serializer: str, start_method: str, idle_timeout: float) -> None:
+        caller_end, worker_end = context.Pipe(duplex=True)
+        shared = context.RawArray("d", 2)
+        inherited = [*_CALLER_ENDS, caller_end] if start_method == "fork" else []
+        self.process = context.Process(
+            target=process_main,
+            args=(worker_end, serializer, shared, idle_timeout, inherited),
+            name="pickmap-worker",
+            daemon=True,
+        )
+        self.process.start()
+        worker_end.close()
+        _CALLER_ENDS.add(caller_end)
+        self._shared = shared  # keep the shared memory alive as long as the handle
+        self.progress = memoryview(shared).cast("B").cast("d")
+        self.conn = caller_end
+        self.waitable = caller_end
+        self.sentinel = self.process.sentinel
+        self.pid = self.process.pid
+
+    def send(self, header: Header, payloads: Sequence[Any] = ()) -> None:
+        send_message(self.conn, header, payloads)
+
+    def receive(self) -> list[Message]:
+        messages = []
+        while self.conn.poll():
+            messages.append(recv_message(self.conn))
+        return messages
+
+    def exitcode(self) -> int | None:
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(5)
+        self._close()
+
+    def stop(self, grace: float) -> None:
+        try:
+            self.send((STOP,))
+        except OSError:
+            pass
+        self.process.join(grace)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join(5)
+        self._close()
+
+    def _close(self) -> None:
+        self.conn.close()
+        _CALLER_ENDS.discard(self.conn)
+        if self.process.exitcode is not None:
+            self.process.close()
+
+
+class ProcessBackend(Backend):
+    """Base of the process backends: picks the package that starts processes."""
+
+    #: The ``multiprocessing``-compatible package that starts the processes.
+    process_package: ClassVar[str] = "multiprocessing"
+
+    def start_worker(self, start_method: str | None, idle_timeout: float) -> Worker:
+        assert start_method is not None
+        context = importlib.import_module(self.process_package).get_context(start_method)
+        return ProcessWorker(context, self.serializer, start_method, idle_timeout)

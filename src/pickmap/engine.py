@@ -1,0 +1,384 @@
+"""The dispatch loop: one per call, in the caller's thread, for every backend.
+
+``execute`` yields lists of results, one per chunk, while it
+
+1. pulls a chunk from the :class:`~pickmap.chunking.Chunker` only when a worker
+   has room (at most ``max_queued`` chunks per worker, and in streaming mode
+   at most twice that many chunks dispatched but not yet consumed), so memory
+   stays bounded whatever the input's length;
+2. sends the call's SETUP (the callable, once per worker per call) before a
+   worker's first chunk, then the chunk;
+3. waits with ``multiprocessing.connection.wait`` on every worker's pipe and
+   process sentinel, so a reply, a death or a timeout wakes it — never a hang;
+4. emits results in input order (buffering out-of-order chunks) or in
+   completion order, and turns worker replies into the caller's exceptions.
+
+There is no background thread: Ctrl-C lands here, in ``wait``, and the
+``finally`` clause hands the pool to :meth:`WorkerPool.end_call`, which kills
+whatever is still running.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for
+from typing import Any, Callable, Iterator
+
+from ._worker import BYE, CHUNK, ERROR, RESULT, SETUP, SETUP_FAILED, UNSENDABLE
+from .backends.base import Backend
+from .chunking import Chunker
+from .errors import RemoteTraceback, SerializationError, TaskTimeoutError, WorkerCrashedError, WorkerError
+from .pool import Slot, WorkerPool
+from .serializers import Serializer, get_serializer
+
+__all__ = ("Call", "execute")
+
+_call_ids = itertools.count(1)
+_THREAD_POLL = 1.0  # seconds; threads have no sentinel, so check on them this often
+
+
+@dataclass
+class Call:
+    """Everything the engine needs to know about one ``pmap``/``imap`` call."""
+
+    func: Callable[..., Any]
+    backend: Backend
+    func_payload: Any
+    init_payload: Any = None
+    star: bool = False
+    collect: bool = False
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        self.id = next(_call_ids)
+        self.serializer: Serializer = get_serializer(self.backend.serializer)
+        self.timed = self.timeout is not None and self.backend.enforces_timeout
+        self.label = getattr(self.func, "__qualname__", None) or type(self.func).__qualname__
+
+
+@dataclass
+class _Chunk:
+    seq: int
+    start: int
+    count: int
+    payload: Any
+
+
+def _describe_indices(start: int, count: int) -> str:
+    return f"item {start}" if count == 1 else f"items {start}-{start + count - 1} (one chunk)"
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+class _Run:
+    def __init__(self, pool: WorkerPool, call: Call, chunker: Chunker, *, ordered: bool, eager_errors: bool, bounded: bool) -> None:
+        self.pool = pool
+        self.call = call
+        self.chunker = chunker
+        self.ordered = ordered
+        self.eager_errors = eager_errors
+        self.limit = pool.size * pool.backend.max_queued
+        self.cap = 2 * self.limit if bounded else None
+        self.inflight: dict[int, _Chunk] = {}
+        self.requeued: collections.deque[_Chunk] = collections.deque()
+        self.finished: dict[int, tuple[list[Any], BaseException | None]] = {}
+        self.seqs = itertools.count()
+        self.next_emit = 0
+        self.source_done = False
+        self.failed_seq: int | None = None  # ordered streaming: first chunk that raised
+
+    # ------------------------------------------------------------------ main loop
+    def results(self) -> Iterator[list[Any]]:
+        interrupted = False
+        try:
+            while True:
+                self._dispatch()
+                if self.ordered:
+                    while self.next_emit in self.finished:
+                        results, error = self.finished.pop(self.next_emit)
+                        self.next_emit += 1
+                        if results:
+                            yield results
+                        if error is not None:
+                            raise error
+                if not self.inflight and not self.requeued and not self.finished and (
+                    self.source_done or self.failed_seq is not None
+                ):
+                    return
+                for results in self._wait():
+                    yield results
+        except (KeyboardInterrupt, WorkerCrashedError):
+            interrupted = True
+            raise
+        finally:
+            self.pool.end_call(interrupted=interrupted)
+
+    # ------------------------------------------------------------------ dispatching
+    def _dispatch(self) -> None:
+        while len(self.inflight) < self.limit and (
+            self.cap is None or len(self.inflight) + len(self.finished) < self.cap
+        ):
+            if self.requeued:
+                chunk = self.requeued.popleft()
+                if self.failed_seq is not None and chunk.seq > self.failed_seq:
+                    continue  # never emitted: drop it
+            elif self.source_done or self.failed_seq is not None:
+                return
+            else:
+                chunk = self._next_chunk()
+                if chunk is None:
+                    self.source_done = True
+                    return
+            slot = self.pool.pick()
+            if slot is None:
+                self.requeued.appendleft(chunk)
+                return
+            self._send(slot, chunk)
+
+    def _next_chunk(self) -> _Chunk | None:
+        got = self.chunker.next_chunk()
+        if got is None:
+            return None
+        start, items = got
+        try:
+            payload = self.call.serializer.dumps(items)
+        except Exception:  # noqa: BLE001
+            raise self._unsendable_item(start, items) from None
+        return _Chunk(next(self.seqs), start, len(items), payload)
+
+    def _send(self, slot: Slot, chunk: _Chunk) -> None:
+        call = self.call
+        try:
+            if slot.call_id != call.id:
+                payloads = (call.func_payload,) if call.init_payload is None else (call.func_payload, call.init_payload)
+                slot.worker.send((SETUP, call.id, call.star, call.collect, call.timed), payloads)
+                slot.call_id = call.id
+                slot.tainted = slot.tainted or call.init_payload is not None
+            slot.worker.send((CHUNK, call.id, chunk.seq, chunk.start), (chunk.payload,))
+        except OSError:
+            # The worker is gone (idle exit or a crash between calls); its
+            # death is handled by _wait. This chunk never reached it.
+            slot.eof = True
+            self.requeued.appendleft(chunk)
+            return
+        slot.queued.append(chunk)
+        self.inflight[chunk.seq] = chunk
+
+    # ------------------------------------------------------------------ waiting
+    def _wait(self) -> list[list[Any]]:
+        slots = list(self.pool.slots)
+        watched: dict[Any, Slot] = {}
+        immediate = False
+        for slot in slots:
+            worker = slot.worker
+            if worker.waitable is None:
+                immediate = immediate or bool(slot.queued)
+                continue
+            if not slot.eof:
+                watched[worker.waitable] = slot
+            if worker.sentinel is not None:
+                watched[worker.sentinel] = slot
+        if immediate:
+            ready_slots = slots
+        else:
+            ready = wait_for(list(watched), self._wait_timeout(slots))
+            ready_slots = list(dict.fromkeys(watched[obj] for obj in ready))
+        out: list[list[Any]] = []
+        for slot in ready_slots:
+            try:
+                messages = slot.worker.receive() if not slot.eof else []
+            except (EOFError, OSError):
+                slot.eof, messages = True, []
+            for header, payloads in messages:
+                results = self._on_message(slot, header, payloads)
+                if results is not None:
+                    out.append(results)
+        for slot in slots:
+            if slot in self.pool.slots and slot.worker.exitcode() is not None:
+                self._on_death(slot)
+        self._check_timeouts()
+        return out
+
+    def _wait_timeout(self, slots: list[Slot]) -> float | None:
+        timeouts = []
+        if any(slot.worker.sentinel is None and slot.queued for slot in slots):
+            timeouts.append(_THREAD_POLL)
+        if self.call.timed:
+            assert self.call.timeout is not None
+            now = time.monotonic()
+            timeouts.append(self.call.timeout / 4)
+            for slot in slots:
+                started = slot.worker.progress[1]
+                if slot.queued and started > 0:
+                    timeouts.append(started + self.call.timeout - now)
+        return max(0.001, min(timeouts)) if timeouts else None
+
+    # ------------------------------------------------------------------ replies
+    def _on_message(self, slot: Slot, header: tuple, payloads: Any) -> list[Any] | None:
+        kind = header[0]
+        if kind == BYE:
+            slot.said_bye = True
+            # It stopped reading before these arrived: none of them ran.
+            self.requeued.extendleft(reversed(slot.queued))
+            for chunk in slot.queued:
+                del self.inflight[chunk.seq]
+            slot.queued.clear()
+            return None
+        if kind == SETUP_FAILED:
+            raise self._setup_error(header, payloads)
+        chunk = slot.queued.popleft()
+        del self.inflight[chunk.seq]
+        serializer = self.call.serializer
+        if kind == RESULT:
+            results = serializer.loads(payloads[0])
+            self.chunker.observe(chunk.count, header[2])
+            if self.ordered:
+                self.finished[chunk.seq] = (results, None)
+                return None
+            return results
+        if kind == ERROR:
+            error = self._worker_exception(header, payloads)
+            if self.eager_errors:
+                raise error
+            partial = serializer.loads(payloads[1]) if payloads[1] is not None else []
+            self.finished[chunk.seq] = (partial, error)
+            self.failed_seq = chunk.seq if self.failed_seq is None else min(self.failed_seq, chunk.seq)
+            return None
+        if kind == UNSENDABLE:
+            _, _, index, type_name, reason = header
+            raise SerializationError(
+                f"the result of item {index} (a {type_name}) cannot be sent back by the "
+                f"{self.call.backend.name!r} backend: {reason}. Return a plain value instead, "
+                f"or use backend='thread', which keeps results in memory",
+                backend=self.call.backend.name,
+                what=type_name,
+                index=index,
+            )
+        raise RuntimeError(f"pickmap: unexpected reply {kind!r} from a worker")  # pragma: no cover
+
+    def _worker_exception(self, header: tuple, payloads: Any) -> BaseException:
+        _, _, index, exc_repr, remote_tb = header
+        return self._rebuild(f"item {index}", index, exc_repr, remote_tb, payloads[0])
+
+    def _rebuild(self, where: str, index: int | None, exc_repr: str, remote_tb: str, blob: Any) -> BaseException:
+        """The worker's exception as itself, or a WorkerError when it cannot be rebuilt."""
+        exc: Any = None
+        if blob is not None:
+            try:
+                exc = self.call.serializer.loads(blob)
+            except Exception:  # noqa: BLE001 - e.g. an __init__ that wants other arguments
+                exc = None
+        if not isinstance(exc, BaseException):
+            exc = WorkerError(
+                f"{where} raised {exc_repr} in a {self.call.backend.name!r} worker, and that "
+                f"exception could not be rebuilt here as itself; the worker's traceback follows",
+                exc_repr=exc_repr,
+                remote_traceback=remote_tb,
+                index=index,
+            )
+        if self.call.backend.isolated:
+            exc.__cause__ = RemoteTraceback(remote_tb)
+        exc.add_note(f"pickmap: raised by {self.call.label} on {where} (backend {self.call.backend.name!r})")
+        return exc
+
+    def _setup_error(self, header: tuple, payloads: Any) -> BaseException:
+        _, _, stage, exc_repr, remote_tb = header
+        if stage == "initializer":
+            return self._rebuild("the initializer", None, exc_repr, remote_tb, payloads[0])
+        backend = self.call.backend.name
+        what = self.call.label if stage == "callable" else stage
+        error = SerializationError(
+            f"a {backend!r} worker could not load {what}: {exc_repr}. Define what it needs at module "
+            f"level of an importable module, or let pickmap choose the backend (backend='auto')",
+            backend=backend,
+            what=what,
+        )
+        error.__cause__ = RemoteTraceback(remote_tb)
+        return error
+
+    def _unsendable_item(self, start: int, items: list[Any]) -> SerializationError:
+        from .probe import capable_backends
+
+        serializer, backend = self.call.serializer, self.call.backend.name
+        for offset, item in enumerate(items):
+            try:
+                serializer.dumps(item)
+            except Exception as exc:  # noqa: BLE001
+                capable = [b for b in capable_backends(self.call.func, [item]) if b != backend]
+                return SerializationError(
+                    f"item {start + offset} (a {type(item).__qualname__}) cannot be serialized by the "
+                    f"{backend!r} backend: {exc}. Backends that can carry it: {', '.join(capable) or 'none'}",
+                    backend=backend,
+                    what=type(item).__qualname__,
+                    index=start + offset,
+                    capable=capable,
+                )
+        return SerializationError(f"a chunk starting at item {start} cannot be serialized", backend=backend)
+
+    # ------------------------------------------------------------------ deaths and timeouts
+    def _on_death(self, slot: Slot) -> None:
+        code = slot.worker.exitcode()
+        if slot.said_bye or not slot.queued:
+            self.pool.remove(slot, kill=True)
+            return
+        head = slot.queued[0]
+        progress = slot.worker.progress
+        if self.call.timed and progress is not None and progress[1] > 0:
+            where = f"item {int(progress[0])}"
+            indices = [int(progress[0])]
+        else:
+            where = _describe_indices(head.start, head.count)
+            indices = list(range(head.start, head.start + head.count))
+        pid = slot.worker.pid
+        self.pool.remove(slot, kill=True)
+        self.pool.broken = True
+        raise WorkerCrashedError(
+            f"a {self.call.backend.name!r} worker (pid {pid}) died with {_describe_exit(code)} while "
+            f"running {where} of {self.call.label}; the pool was discarded and the next call starts "
+            f"fresh workers",
+            exitcode=code,
+            indices=indices,
+        )
+
+    def _check_timeouts(self) -> None:
+        if not self.call.timed:
+            return
+        timeout = self.call.timeout
+        assert timeout is not None
+        now = time.monotonic()
+        for slot in list(self.pool.slots):
+            started = slot.worker.progress[1]
+            if not slot.queued or started <= 0 or now - started <= timeout:
+                continue
+            index = int(slot.worker.progress[0])
+            backend = self.call.backend
+            if backend.killable:
+                action = f"its worker (pid {slot.worker.pid}) was killed and will be replaced"
+                self.pool.remove(slot, kill=True)
+            else:
+                action = "its thread cannot be killed: it was abandoned and the pool retired"
+                self.pool.broken = True
+            raise TaskTimeoutError(
+                f"item {index} of {self.call.label} ran longer than timeout={timeout:g}s on the "
+                f"{backend.name!r} backend; {action}",
+                index=index,
+                timeout=timeout,
+            )
+
+
+def execute(
+    pool: WorkerPool, call: Call, chunker: Chunker, *, ordered: bool, eager_errors: bool, bounded: bool
+) -> Iterator[list[Any]]:
+    """Run ``call`` on ``pool``; yield one list of results per chunk."""
+    return _Run(pool, call, chunker, ordered=ordered, eager_errors=eager_errors, bounded=bounded).results()

@@ -1,0 +1,141 @@
+"""Every exception pickmap raises, in one place.
+
+Each pickmap error also subclasses the builtin exception a caller would
+naturally catch, so ``except ValueError`` keeps working around ``pmap``::
+
+    PickmapError (Exception)
+    ├── UnknownBackendError       (+ ValueError)       bad backend name
+    ├── BackendUnavailableError   (+ ImportError)      backend's package missing
+    ├── SerializationError        (+ pickle.PicklingError)
+    │                                                   callable/item/result
+    │                                                   cannot travel
+    ├── WorkerCrashedError        (+ concurrent.futures.BrokenExecutor)
+    │                                                   a worker died mid-task
+    ├── TaskTimeoutError          (+ TimeoutError)     one item ran too long
+    └── WorkerError               (+ RuntimeError)     a worker exception that
+                                                        could not be rebuilt in
+                                                        the caller as itself
+
+Exceptions raised by *your* function are not wrapped: they come back as their
+original type, with the worker's traceback attached as ``__cause__`` (a
+:class:`RemoteTraceback`) and a note naming the failing item's index.
+"""
+
+from __future__ import annotations
+
+import pickle
+from concurrent.futures import BrokenExecutor
+from typing import Sequence
+
+__all__ = (
+    "PickmapError",
+    "UnknownBackendError",
+    "BackendUnavailableError",
+    "SerializationError",
+    "WorkerCrashedError",
+    "TaskTimeoutError",
+    "WorkerError",
+    "RemoteTraceback",
+)
+
+
+class PickmapError(Exception):
+    """Base class of every error pickmap itself raises."""
+
+
+class UnknownBackendError(PickmapError, ValueError):
+    """A backend name that is not registered (from an argument or the environment)."""
+
+    def __init__(self, name: str, valid: Sequence[str], *, variable: str | None = None) -> None:
+        self.name = name
+        self.valid = tuple(valid)
+        self.variable = variable
+        where = f" (from the environment variable {variable})" if variable else ""
+        super().__init__(
+            f"unknown pickmap backend {name!r}{where}; valid names are: "
+            f"{', '.join(self.valid)}, or 'auto' to let pickmap choose"
+        )
+
+
+class BackendUnavailableError(PickmapError, ImportError):
+    """A registered backend whose third-party package is not installed."""
+
+    def __init__(self, name: str, missing: str, hint: str) -> None:
+        self.backend = name
+        self.hint = hint
+        super().__init__(
+            f"pickmap backend {name!r} needs the package {missing!r}, which is not "
+            f"installed; install it with: {hint}"
+        )
+
+
+class SerializationError(PickmapError, pickle.PicklingError):
+    """The callable, an item or a result cannot travel with the chosen backend.
+
+    ``backend`` names the backend that failed, ``what`` describes the object,
+    ``index`` is the item's position in the input (``None`` for the callable)
+    and ``capable`` lists the backends that could carry it, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        backend: str | None = None,
+        what: str | None = None,
+        index: int | None = None,
+        capable: Sequence[str] = (),
+    ) -> None:
+        self.backend = backend
+        self.what = what
+        self.index = index
+        self.capable = tuple(capable)
+        super().__init__(message)
+
+
+class WorkerCrashedError(PickmapError, BrokenExecutor):
+    """A worker process died while it held work (signal, ``os._exit``, segfault).
+
+    ``exitcode`` is the process's exit code (negative: killed by that signal),
+    ``indices`` the input positions that were in flight on it.
+    """
+
+    def __init__(self, message: str, *, exitcode: int | None, indices: Sequence[int]) -> None:
+        self.exitcode = exitcode
+        self.indices = tuple(indices)
+        super().__init__(message)
+
+
+class TaskTimeoutError(PickmapError, TimeoutError):
+    """One item ran longer than ``timeout=`` seconds; its worker was killed."""
+
+    def __init__(self, message: str, *, index: int, timeout: float) -> None:
+        self.index = index
+        self.timeout = timeout
+        super().__init__(message)
+
+
+class WorkerError(PickmapError, RuntimeError):
+    """An exception raised in a worker that could not be sent back as itself.
+
+    Happens when the exception object cannot be pickled in the worker or
+    rebuilt in the caller (for example an ``__init__`` with extra required
+    arguments). ``exc_repr`` and ``remote_traceback`` keep what is known.
+    """
+
+    def __init__(self, message: str, *, exc_repr: str, remote_traceback: str, index: int | None) -> None:
+        self.exc_repr = exc_repr
+        self.remote_traceback = remote_traceback
+        self.index = index
+        super().__init__(message)
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback; set as ``__cause__`` of re-raised errors."""
+
+    def __init__(self, tb: str) -> None:
+        self.tb = tb
+        super().__init__(tb)
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'

@@ -1,0 +1,168 @@
+"""The capability probe: which backend can carry this callable and these items?
+
+For each backend on the ladder (``registry.LADDER``: stdlib, cloudpickle,
+dill, thread) the probe makes a real round trip — ``dumps`` then ``loads`` —
+of the callable and of a sample of the items, then checks the by-reference
+trap (``serializers.main_references``): a pickle that names a ``__main__``
+object loads here but not in a spawn/forkserver worker, nor in a warm worker
+forked before the object was defined. The first backend that passes wins.
+
+Cost: the winning trial's bytes are the bytes shipped to workers, so a 50 MB
+callable is serialized once per call. Verdicts are cached per callable (weakly,
+so the cache never keeps a closure alive); a cached verdict is re-checked by
+the one serialization the call needs anyway, and a verdict that no longer
+holds (the object changed) sends the probe back down the ladder.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .registry import LADDER, available_backends, get_backend
+from .serializers import get_serializer, main_references
+
+__all__ = ("Plan", "Verdict", "try_backend", "choose", "capable_backends")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether one backend can carry the call, and why in one line."""
+
+    backend: str
+    ok: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``pmap`` would do: the chosen backend, why, and every verdict the probe made."""
+
+    backend: str
+    source: str  # "argument", "environment", "probe" or "nested"
+    workers: int
+    start_method: str | None
+    verdicts: tuple[Verdict, ...] = field(default=())
+
+    def verdict(self, backend: str) -> Verdict | None:
+        return next((v for v in self.verdicts if v.backend == backend), None)
+
+    def __str__(self) -> str:
+        method = f", start method {self.start_method}" if self.start_method else ""
+        lines = [f"backend: {self.backend} (from {self.source}; {self.workers} workers{method})"]
+        width = max((len(v.backend) for v in self.verdicts), default=0)
+        for v in self.verdicts:
+            mark = "->" if v.backend == self.backend else ("ok" if v.ok else "no")
+            lines.append(f"  {mark:2} {v.backend:<{width}}  {v.reason}")
+        return "\n".join(lines)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _round_trip(serializer_name: str, obj: Any, what: str, *, load: bool = True) -> tuple[str | None, Any]:
+    """``(failure reason or None, bytes)`` for one object; ``load=False`` skips the loads half."""
+    serializer = get_serializer(serializer_name)
+    if not serializer.by_value:
+        return None, obj
+    try:
+        data = serializer.dumps(obj)
+        if load:
+            serializer.trial_loads(data)
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot carry"
+        return f"{what}: {_first_line(exc)}", None
+    refs = main_references(data)
+    if refs:
+        return (
+            f"{what} refers to __main__.{refs[0]} by name, which a worker process cannot import "
+            f"(spawn/forkserver, or a worker started before it was defined)",
+            None,
+        )
+    return None, data
+
+
+def try_backend(
+    name: str, func: Callable[..., Any], sample: Sequence[Any], *, load: bool = True
+) -> tuple[Verdict, Any]:
+    """One backend's verdict, and the callable's bytes when it passes."""
+    serializer_name = get_backend(name).serializer
+    reason, payload = _round_trip(serializer_name, func, "callable", load=load)
+    if reason is None:
+        for item in sample:
+            item_reason, _ = _round_trip(serializer_name, item, "item")
+            if item_reason is not None:
+                reason = item_reason
+                break
+    if reason is not None:
+        return Verdict(name, False, reason), None
+    if not get_serializer(serializer_name).by_value:
+        return Verdict(name, True, "shares memory with the caller: nothing is serialized"), payload
+    return Verdict(name, True, f"round trip ok ({len(payload):,} bytes)"), payload
+
+
+# --------------------------------------------------------------------------- verdict cache
+# func (weakly) -> {(item types, extra key) -> backend name}. Bound methods are
+# fresh objects on every attribute access, so they are keyed by their function
+# and the type of the object they are bound to.
+_CACHE: "weakref.WeakKeyDictionary[Any, dict[Any, str]]" = weakref.WeakKeyDictionary()
+
+
+def _cache_slot(func: Any, sample: Sequence[Any]) -> tuple[Any, Any] | None:
+    item_types = tuple(type(item) for item in sample)
+    if isinstance(func, types.MethodType):
+        return func.__func__, (type(func.__self__), item_types)
+    return func, item_types
+
+
+def _cached(func: Any, sample: Sequence[Any]) -> str | None:
+    slot = _cache_slot(func, sample)
+    try:
+        return _CACHE.get(slot[0], {}).get(slot[1])  # type: ignore[index]
+    except TypeError:  # not weak-referenceable or not hashable: no caching
+        return None
+
+
+def _remember(func: Any, sample: Sequence[Any], backend: str) -> None:
+    slot = _cache_slot(func, sample)
+    try:
+        _CACHE.setdefault(slot[0], {})[slot[1]] = backend  # type: ignore[index]
+    except TypeError:
+        pass
+
+
+def choose(func: Callable[..., Any], sample: Sequence[Any]) -> tuple[str, Any, tuple[Verdict, ...]]:
+    """Walk the ladder: ``(backend name, callable payload, verdicts so far)``."""
+    installed = available_backends()
+    cached = _cached(func, sample)
+    if cached is not None:
+        # Trusted: only the dumps the call needs anyway, no second loads.
+        verdict, payload = try_backend(cached, func, sample, load=False)
+        if verdict.ok:
+            return cached, payload, (verdict,)
+    verdicts = []
+    for name in LADDER:
+        if name not in installed:
+            continue
+        verdict, payload = try_backend(name, func, sample)
+        verdicts.append(verdict)
+        if verdict.ok:
+            _remember(func, sample, name)
+            return name, payload, tuple(verdicts)
+    raise AssertionError("the thread backend carries everything")  # pragma: no cover
+
+
+def all_verdicts(func: Callable[..., Any], sample: Sequence[Any]) -> tuple[Verdict, ...]:
+    """Every installed ladder backend's verdict (for ``explain`` and error messages)."""
+    installed = available_backends()
+    return tuple(try_backend(name, func, sample)[0] for name in LADDER if name in installed)
+
+
+def capable_backends(func: Callable[..., Any], sample: Sequence[Any]) -> list[str]:
+    return [v.backend for v in all_verdicts(func, sample) if v.ok]

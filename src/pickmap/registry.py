@@ -1,0 +1,144 @@
+"""Backend names, mapped to lazily imported classes, and the one place a backend is selected.
+
+Like fsspec's registry: the table below names a class by its import path, so
+``import pickmap`` imports no backend module, and pathos/dill/cloudpickle are
+imported only when their backend runs. Each entry carries the ``pip install``
+hint shown when its package is missing.
+
+Selection order, in :func:`select_backend` (read at call time, never cached):
+the ``backend=`` argument, else ``PICKMAP_BACKEND``, else the capability probe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Union
+
+from .backends.base import Backend
+from .errors import BackendUnavailableError, UnknownBackendError
+
+__all__ = (
+    "LADDER",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+    "registered_backends",
+    "select_backend",
+)
+
+ENV_BACKEND = "PICKMAP_BACKEND"
+AUTO = "auto"
+
+#: The probe tries these in order and keeps the first that can carry the call.
+LADDER = ("stdlib", "cloudpickle", "dill", "thread")
+
+BackendFactory = Union[str, type[Backend], Callable[[], Backend]]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: BackendFactory  # "module:Class" (imported lazily), a class, or a callable
+    install_hint: str = ""
+    requires: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "stdlib": _Entry("pickmap.backends.stdlib:StdlibBackend"),
+    "cloudpickle": _Entry(
+        "pickmap.backends.cloudpickle:CloudpickleBackend", "pip install cloudpickle", ("cloudpickle",)
+    ),
+    "dill": _Entry("pickmap.backends.dill:DillBackend", "pip install pathos", ("dill", "multiprocess")),
+    "thread": _Entry("pickmap.backends.thread:ThreadBackend"),
+    "serial": _Entry("pickmap.backends.serial:SerialBackend"),
+}
+_ALIASES = {"pathos": "dill"}
+_INSTANCES: dict[str, Backend] = {}
+_LOCK = threading.Lock()
+
+
+def registered_backends() -> tuple[str, ...]:
+    """Every registered name (aliases excluded), installed or not."""
+    return tuple(_REGISTRY)
+
+
+def _canonical(name: str) -> str:
+    return _ALIASES.get(name, name)
+
+
+def _missing_module(entry: _Entry) -> str | None:
+    for module in entry.requires:
+        if importlib.util.find_spec(module) is None:
+            return module
+    return None
+
+
+def available_backends() -> tuple[str, ...]:
+    """Registered backends whose packages are installed (checked without importing them)."""
+    return tuple(name for name, entry in _REGISTRY.items() if _missing_module(entry) is None)
+
+
+def register_backend(name: str, factory: BackendFactory, *, clobber: bool = False, install_hint: str = "") -> None:
+    """Register a backend under ``name``.
+
+    ``factory`` is a :class:`~pickmap.backends.base.Backend` subclass, a
+    zero-argument callable returning a backend, or ``"module:Class"`` to import
+    lazily. An existing name is replaced only with ``clobber=True``.
+    """
+    if not isinstance(name, str) or not name or name == AUTO:
+        raise ValueError(f"a backend name must be a non-empty string other than {AUTO!r}, not {name!r}")
+    with _LOCK:
+        if not clobber and (name in _REGISTRY or name in _ALIASES):
+            raise ValueError(f"a backend named {name!r} is already registered; pass clobber=True to replace it")
+        _ALIASES.pop(name, None)
+        _REGISTRY[name] = _Entry(factory, install_hint)
+        _INSTANCES.pop(name, None)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend instance for ``name`` (importing its module on first use)."""
+    name = _canonical(name)
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise UnknownBackendError(name, registered_backends())
+    with _LOCK:
+        backend = _INSTANCES.get(name)
+        if backend is not None:
+            return backend
+        missing = _missing_module(entry)
+        if missing is not None:
+            raise BackendUnavailableError(name, missing, entry.install_hint or f"pip install {missing}")
+        factory = entry.factory
+        if isinstance(factory, str):
+            module_name, _, attr = factory.partition(":")
+            factory = getattr(importlib.import_module(module_name), attr)
+        backend = factory()
+        if not isinstance(backend, Backend):
+            raise TypeError(f"the factory registered for {name!r} returned {backend!r}, not a pickmap Backend")
+        _INSTANCES[name] = backend
+        return backend
+
+
+def select_backend(argument: str | None) -> tuple[str | None, str]:
+    """``(name, source)``: the backend the caller asked for, and where the ask came from.
+
+    ``name`` is ``None`` when the capability probe must decide (source
+    ``"probe"``). Unknown names raise :class:`UnknownBackendError`, naming the
+    environment variable when that is where the name came from.
+    """
+    if argument is not None and argument != AUTO:
+        return _known(argument, None), "argument"
+    if argument is None:
+        value = os.environ.get(ENV_BACKEND, "").strip()
+        if value and value != AUTO:
+            return _known(value, ENV_BACKEND), "environment"
+    return None, "probe"
+
+
+def _known(name: object, variable: str | None) -> str:
+    if not isinstance(name, str) or _canonical(name) not in _REGISTRY:
+        raise UnknownBackendError(str(name), (*registered_backends(), *_ALIASES), variable=variable)
+    return _canonical(name)

@@ -1,0 +1,222 @@
+"""How objects become bytes for each process backend, and how the probe tests that.
+
+A :class:`Serializer` is a pair ``dumps``/``loads`` with a name. Workers look
+their serializer up by name (:func:`get_serializer`), so only the name crosses
+the process boundary at worker start.
+
+- ``stdlib``: the C pickler with a *private* dispatch table that adds a
+  copyreg-style reducer for bound methods. The global ``copyreg`` registry and
+  ``pickle`` module state of the user's process are never touched.
+- ``cloudpickle``: cloudpickle for dumping (by value where needed), the C
+  unpickler for loading.
+- ``dill``: dill with ``recurse=True``, so a ``__main__`` function carries the
+  globals it uses instead of expecting them in the worker's ``__main__``.
+- ``identity``: no bytes at all; thread and serial workers share memory.
+
+:func:`main_references` finds the by-reference trap: a pickle that names a
+``__main__`` object (``GLOBAL '__main__ f'``) loads in this process but not in
+a spawn/forkserver worker, nor in a fork worker started before ``f`` existed.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import functools
+import io
+import pickle
+import pickletools
+import types
+from typing import Any, Callable, ClassVar
+
+__all__ = ("Serializer", "get_serializer", "main_references")
+
+_MAIN_MODULES = ("__main__", "__mp_main__")
+
+
+class Serializer:
+    """A named ``dumps``/``loads`` pair. ``by_value`` is False for in-memory transports."""
+
+    name: ClassVar[str]
+    by_value: ClassVar[bool] = True
+
+    def dumps(self, obj: Any) -> Any:
+        raise NotImplementedError
+
+    def loads(self, data: Any) -> Any:
+        raise NotImplementedError
+
+    def trial_loads(self, data: Any) -> Any:
+        """``loads`` for the probe's round trip in the caller's process: no side effects."""
+        return self.loads(data)
+
+
+# --------------------------------------------------------------------------- stdlib
+def _attribute_name_of(method: types.MethodType) -> str | None:
+    """The attribute under which ``method`` is reachable on its ``__self__``.
+
+    A private method ``__f`` is stored as ``_A__f``; an aliased method under
+    its alias. ``None`` when no attribute of the class holds the function.
+    """
+    func = method.__func__
+    owner = method.__self__
+    name = func.__name__
+    if getattr(getattr(owner, name, None), "__func__", None) is func:
+        return name
+    klass = owner if isinstance(owner, type) else type(owner)
+    for base in klass.__mro__:
+        for attr, value in vars(base).items():
+            if value is func or getattr(value, "__func__", None) is func:
+                return attr
+    return None
+
+
+def _reduce_bound_method(method: types.MethodType) -> tuple[Any, tuple[Any, ...]]:
+    attr = _attribute_name_of(method)
+    if attr is not None:
+        return getattr, (method.__self__, attr)
+    # The function is not on the class (e.g. MethodType(module_func, obj)):
+    # rebuild the binding; the function itself must then pickle by reference.
+    return types.MethodType, (method.__func__, method.__self__)
+
+
+class _StdlibPickler(pickle.Pickler):
+    # A private table: copyreg's global registry plus our reducers, resolved
+    # per pickler, so the user's process-wide pickle behaviour is unchanged.
+    dispatch_table = {**copyreg.dispatch_table, types.MethodType: _reduce_bound_method}
+
+
+class StdlibSerializer(Serializer):
+    name = "stdlib"
+
+    def dumps(self, obj: Any) -> bytes:
+        buffer = io.BytesIO()
+        _StdlibPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        return buffer.getvalue()
+
+    loads = staticmethod(pickle.loads)  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------- cloudpickle / dill
+class _UntrackedUnpickler(pickle.Unpickler):
+    """Loads cloudpickle output without touching the caller's own classes.
+
+    A by-value class carries a tracker id; cloudpickle resolves it to the
+    *original* class in the process that dumped it and re-sets its attributes
+    from the pickle, replacing the user's methods with copies. A trial load in
+    the caller must not do that, so the skeleton builders get no tracker id.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if module.startswith("cloudpickle") and name in ("_make_skeleton_class", "_make_skeleton_enum"):
+            return functools.partial(_untracked, found)
+        return found
+
+
+def _untracked(builder: Callable[..., Any], *args: Any) -> Any:
+    import inspect
+
+    bound = inspect.signature(builder).bind(*args)
+    if "class_tracker_id" in bound.arguments:
+        bound.arguments["class_tracker_id"] = None
+    return builder(*bound.args, **bound.kwargs)
+
+
+class CloudpickleSerializer(Serializer):
+    name = "cloudpickle"
+
+    def dumps(self, obj: Any) -> bytes:
+        import cloudpickle
+
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+    loads = staticmethod(pickle.loads)  # type: ignore[assignment]
+
+    def trial_loads(self, data: bytes) -> Any:
+        return _UntrackedUnpickler(io.BytesIO(data)).load()
+
+
+class DillSerializer(Serializer):
+    name = "dill"
+
+    def dumps(self, obj: Any) -> bytes:
+        import dill
+
+        return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+
+    def loads(self, data: bytes) -> Any:
+        import dill
+
+        return dill.loads(data)
+
+
+class IdentitySerializer(Serializer):
+    """Threads and the serial backend pass references: nothing is copied."""
+
+    name = "identity"
+    by_value = False
+
+    def dumps(self, obj: Any) -> Any:
+        return obj
+
+    def loads(self, data: Any) -> Any:
+        return data
+
+
+_SERIALIZERS: dict[str, Callable[[], Serializer]] = {
+    "stdlib": StdlibSerializer,
+    "cloudpickle": CloudpickleSerializer,
+    "dill": DillSerializer,
+    "identity": IdentitySerializer,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def get_serializer(name: str) -> Serializer:
+    """The serializer called ``name`` (workers call this after they start)."""
+    return _SERIALIZERS[name]()
+
+
+# --------------------------------------------------------------------------- the by-reference trap
+_STRING_OPS = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+)
+
+
+def main_references(data: bytes) -> list[str]:
+    """Names of ``__main__`` objects that ``data`` refers to by reference.
+
+    Cheap when there are none: the opcode walk only runs when the bytes
+    mention ``__main__`` at all.
+    """
+    if not isinstance(data, (bytes, bytearray)) or not any(m.encode() in data for m in _MAIN_MODULES):
+        return []
+    found: list[str] = []
+    memo: dict[int, Any] = {}
+    pushed: list[Any] = []  # recent pushes, strings kept, anything else as None
+    for opcode, arg, _pos in pickletools.genops(data):
+        op = opcode.name
+        if op in _STRING_OPS:
+            pushed.append(arg)
+        elif op == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif op in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[int(arg)] = pushed[-1] if pushed else None
+        elif op in ("BINGET", "LONG_BINGET", "GET"):
+            pushed.append(memo.get(int(arg)))
+        elif op == "GLOBAL":
+            module, _, name = str(arg).partition(" ")
+            if module in _MAIN_MODULES:
+                found.append(name)
+            pushed.append(None)
+        elif op == "STACK_GLOBAL":
+            module, name = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
+            if module in _MAIN_MODULES:
+                found.append(str(name))
+            pushed.append(None)
+        elif opcode.stack_after:
+            pushed.append(None)
+        if len(pushed) > 64:
+            del pushed[:-8]
+    return found
+
