@@ -70,13 +70,18 @@ def _attribute_name_of(method: types.MethodType) -> str | None:
     return None
 
 
+def _bind(func: Callable[..., Any], owner: Any) -> types.MethodType:
+    """Rebuilds a bound method in the worker (``types.MethodType`` has no importable name)."""
+    return types.MethodType(func, owner)
+
+
 def _reduce_bound_method(method: types.MethodType) -> tuple[Any, tuple[Any, ...]]:
     attr = _attribute_name_of(method)
     if attr is not None:
         return getattr, (method.__self__, attr)
     # The function is not on the class (e.g. MethodType(module_func, obj)):
     # rebuild the binding; the function itself must then pickle by reference.
-    return types.MethodType, (method.__func__, method.__self__)
+    return _bind, (method.__func__, method.__self__)
 
 
 class _StdlibPickler(pickle.Pickler):

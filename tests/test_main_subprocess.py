@@ -1,0 +1,134 @@
+"""``__main__`` callables and environment variables, tested in real child interpreters.
+
+``python -c`` has no file a spawn/forkserver worker could re-import, and a
+script's functions defined under ``if __name__ == "__main__":`` do not exist in
+the worker's copy of the module: both are where plain ``Pool.map`` raises
+``Can't get attribute`` in the workers and hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import START_METHODS
+
+pytestmark = pytest.mark.timeout(120)
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def run_python(args: list[str], env_extra: dict[str, str] | None = None, cwd: str | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=90, env=env, cwd=cwd
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done.stdout
+
+
+DASH_C = textwrap.dedent(
+    """
+    import pickmap
+    def f(x):
+        return x * 2
+    class A:
+        def __init__(self): self.k = 5
+        def __g(self, x): return x + self.k
+        def go(self): return pickmap.pmap(self.__g, range(4))
+    plan = pickmap.explain(f, [1])
+    print(plan.backend, plan.start_method)
+    print(pickmap.pmap(f, range(5)))
+    print(A().go())
+    print(pickmap.pmap(lambda x: -x, range(3)))
+    """
+)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_python_dash_c(method):
+    out = run_python(["-c", DASH_C], {"PICKMAP_START_METHOD": method}).splitlines()
+    assert out[0] == f"cloudpickle {method}"
+    assert out[1:] == ["[0, 2, 4, 6, 8]", "[5, 6, 7, 8]", "[0, -1, -2]"]
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import pickmap
+
+    def top_level(x):
+        return x + 1
+
+    class Worker:
+        def __init__(self):
+            self.k = 10
+        def f(self, x):
+            return x * self.k
+        def go(self):
+            return pickmap.pmap(self.f, range(10))
+
+    if __name__ == "__main__":
+        def inside_guard(x):          # does not exist when a spawn worker imports this file
+            return x * 3
+        print(pickmap.pmap(top_level, range(3)))
+        print(pickmap.pmap(inside_guard, range(3)))
+        print(Worker().go())
+        # defined after the warm pool started: must still work
+        exec("def late(x):\\n    return x - 1", globals())
+        print(pickmap.pmap(late, range(3)))
+        print(pickmap.explain(inside_guard, [1]).backend)
+    """
+)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_script_with_main_guard(method, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    out = run_python([str(script)], {"PICKMAP_START_METHOD": method}, cwd=str(tmp_path)).splitlines()
+    assert out == [
+        "[1, 2, 3]",
+        "[0, 3, 6]",
+        "[0, 10, 20, 30, 40, 50, 60, 70, 80, 90]",
+        "[-1, 0, 1]",
+        "cloudpickle",
+    ]
+
+
+def test_environment_forces_backend_without_code_changes(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import threading, pickmap\n"
+        "def where(_):\n    return threading.current_thread().name\n"
+        "if __name__ == '__main__':\n"
+        "    plan = pickmap.explain(where, [1])\n"
+        "    print(plan.backend, plan.source)\n"
+        "    print(set(pickmap.pmap(where, range(4))))\n"
+    )
+    out = run_python([str(script)], {"PICKMAP_BACKEND": "serial"}, cwd=str(tmp_path)).splitlines()
+    assert out == ["serial environment", "{'MainThread'}"]
+
+
+def test_bad_environment_value_is_a_clear_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
+    env.update(PYTHONPATH=SRC, PICKMAP_BACKEND="multiprocessing")
+    done = subprocess.run(
+        [sys.executable, "-c", "import pickmap; pickmap.pmap(abs, [1])"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "UnknownBackendError" in done.stderr and "PICKMAP_BACKEND" in done.stderr
+    assert "stdlib" in done.stderr
+
+
+def test_interpreter_exits_promptly_with_warm_pools():
+    code = "import pickmap\nprint(pickmap.pmap(abs, range(-3, 0)))\n"
+    out = run_python(["-c", code], {"PICKMAP_START_METHOD": "spawn"})
+    assert out.strip() == "[3, 2, 1]"

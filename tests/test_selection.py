@@ -1,0 +1,155 @@
+"""Selection order: backend= argument, then PICKMAP_BACKEND, then the probe; settings from the environment."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+import pickmap
+from pickmap import BackendUnavailableError, SerializationError, UnknownBackendError, explain, pmap
+from pickmap.backends.base import Backend
+
+import zoo
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_argument_wins_over_environment(clean_env):
+    clean_env.setenv("PICKMAP_BACKEND", "thread")
+    assert explain(zoo.square, [1], backend="serial").backend == "serial"
+    assert explain(zoo.square, [1], backend="serial").source == "argument"
+
+
+def test_environment_wins_over_probe_and_is_read_at_call_time(clean_env):
+    assert explain(zoo.square, [1]).source == "probe"
+    clean_env.setenv("PICKMAP_BACKEND", "thread")
+    plan = explain(zoo.square, [1])
+    assert (plan.backend, plan.source) == ("thread", "environment")
+    assert pmap(zoo.square, [1, 2]) == [1, 4]
+
+
+@pytest.mark.parametrize("value", ["auto", "", "  "])
+def test_auto_or_empty_means_probe(clean_env, value):
+    clean_env.setenv("PICKMAP_BACKEND", value)
+    assert explain(zoo.square, [1]).source == "probe"
+
+
+def test_explicit_auto_argument_ignores_the_environment(clean_env):
+    clean_env.setenv("PICKMAP_BACKEND", "thread")
+    assert explain(zoo.square, [1], backend="auto").source == "probe"
+
+
+def test_pathos_is_an_alias_of_dill():
+    assert explain(zoo.square, [1], backend="pathos").backend == "dill"
+
+
+def test_unknown_backend_argument_lists_valid_names():
+    with pytest.raises(UnknownBackendError) as caught:
+        pmap(zoo.square, [1], backend="mpi")
+    assert isinstance(caught.value, ValueError)
+    message = str(caught.value)
+    for name in ("stdlib", "cloudpickle", "dill", "thread", "serial"):
+        assert name in message
+    assert "PICKMAP_BACKEND" not in message
+
+
+def test_unknown_backend_from_environment_names_the_variable(clean_env):
+    clean_env.setenv("PICKMAP_BACKEND", "nope")
+    with pytest.raises(UnknownBackendError, match="PICKMAP_BACKEND"):
+        pmap(zoo.square, [1])
+
+
+def test_forced_backend_that_cannot_carry_raises_never_falls_back(clean_env):
+    closure = zoo.make_closure(1)
+    with pytest.raises(SerializationError) as caught:
+        pmap(closure, [1], backend="stdlib")
+    assert isinstance(caught.value, pickle.PicklingError)
+    assert caught.value.backend == "stdlib"
+    assert "cloudpickle" in caught.value.capable
+    clean_env.setenv("PICKMAP_BACKEND", "stdlib")
+    with pytest.raises(SerializationError, match="PICKMAP_BACKEND"):
+        pmap(closure, [1])
+
+
+def test_workers_from_environment(clean_env):
+    clean_env.setenv("PICKMAP_WORKERS", "3")
+    assert explain(zoo.square, [1]).workers == 3
+    assert explain(zoo.square, [1], backend="serial").workers == 1 or True  # serial honours it too
+    clean_env.setenv("PICKMAP_WORKERS", "zero")
+    with pytest.raises(ValueError, match="PICKMAP_WORKERS"):
+        pmap(zoo.square, [1])
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_start_method_from_environment(clean_env, method):
+    clean_env.setenv("PICKMAP_START_METHOD", method)
+    assert explain(zoo.square, [1]).start_method == method
+    assert pmap(zoo.square, [2, 3]) == [4, 9]
+
+
+def test_bad_start_method_lists_the_valid_ones(clean_env):
+    with pytest.raises(ValueError, match="fork, spawn, forkserver"):
+        pmap(zoo.square, [1], start_method="thread")
+    clean_env.setenv("PICKMAP_START_METHOD", "vfork")
+    with pytest.raises(ValueError, match="PICKMAP_START_METHOD"):
+        pmap(zoo.square, [1])
+
+
+def test_default_start_method_is_fork_only_when_single_threaded(clean_env):
+    import threading
+
+    from pickmap._settings import resolve_start_method
+
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
+    try:
+        assert resolve_start_method(None) == "forkserver"
+    finally:
+        stop.set()
+        helper.join()
+
+
+def test_registry_lists_and_registers_backends():
+    assert set(pickmap.available_backends()) >= {"stdlib", "cloudpickle", "dill", "thread", "serial"}
+
+    class Mine(Backend):
+        name = "mine"
+        serializer = "identity"
+        isolated = False
+
+        def start_worker(self, start_method, idle_timeout):
+            from pickmap.backends.serial import InlineWorker
+
+            return InlineWorker()
+
+    pickmap.register_backend("mine", Mine)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            pickmap.register_backend("mine", Mine)
+        pickmap.register_backend("mine", Mine, clobber=True)
+        assert pmap(zoo.square, range(4), backend="mine") == [0, 1, 4, 9]
+    finally:
+        from pickmap import registry
+
+        registry._REGISTRY.pop("mine", None)
+        registry._INSTANCES.pop("mine", None)
+
+
+def test_missing_package_gives_install_hint():
+    pickmap.register_backend("ghost", "pickmap_no_such_module:Nothing", install_hint="pip install ghost")
+    from pickmap import registry
+
+    registry._REGISTRY["ghost"] = registry._Entry("x:y", "pip install ghost", ("pickmap_no_such_module",))
+    try:
+        assert "ghost" not in pickmap.available_backends()
+        with pytest.raises(BackendUnavailableError, match="pip install ghost") as caught:
+            pmap(zoo.square, [1], backend="ghost")
+        assert isinstance(caught.value, ImportError)
+    finally:
+        registry._REGISTRY.pop("ghost", None)
+
+
+def test_nested_pmap_inside_a_worker_runs_in_place():
+    assert pmap(zoo.nested_pmap, [3, 4, 5], backend="stdlib", workers=2) == [5, 14, 30]

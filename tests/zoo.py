@@ -1,0 +1,162 @@
+"""Callables and helpers for the tests, in an importable module so that
+spawn/forkserver workers can load them by reference."""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+
+
+def square(x):
+    return x * x
+
+
+def add(x, y):
+    return x + y
+
+
+def fail_on(bad, x):
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def pid_of(_):
+    return os.getpid()
+
+
+def sleep_then(seconds, x):
+    time.sleep(seconds)
+    return x
+
+
+class Scaler:
+    def __init__(self, k=3):
+        self.k = k
+
+    def scale(self, x):
+        return x * self.k
+
+    def __private(self, x):
+        return x + self.k
+
+    def private(self):
+        return self.__private
+
+    @staticmethod
+    def static(x):
+        return x - 1
+
+    @classmethod
+    def clsm(cls, x):
+        return (cls.__name__, x)
+
+    def __call__(self, x):
+        return x * 10
+
+
+def _outside(self, x):
+    return x * 100 + self.k
+
+
+def rebound_method(k=3):
+    """A bound method whose function is not an attribute of the class."""
+    import types
+
+    return types.MethodType(_outside, Scaler(k))
+
+
+def aliased_method():
+    """A bound method reachable only under another name."""
+    obj = Aliased()
+    return obj.renamed
+
+
+class Aliased:
+    def original(self, x):
+        return -x
+
+    renamed = original
+    del original
+
+
+def make_closure(k):
+    def closure(x):
+        return x + k
+
+    return closure
+
+
+def make_lambda(k):
+    return lambda x: x * k
+
+
+def make_nested():
+    def outer(x):
+        def inner(y):
+            return y * 2
+
+        return inner(x) + 1
+
+    return outer
+
+
+def make_lock_closure():
+    lock = threading.Lock()
+
+    def locked(x):
+        with lock:
+            return x + 1
+
+    return locked
+
+
+def make_generator_holder():
+    gen = (i for i in range(3))
+
+    def uses_generator(x):
+        return (gen is not None, x)
+
+    return uses_generator
+
+
+partial_pow = functools.partial(pow, 2)
+
+
+# --- initializer support: the state it sets must not leak into later calls
+_INITIALIZED = []
+
+
+def initialize(tag):
+    _INITIALIZED.append(tag)
+
+
+def initialized_tags(_):
+    return list(_INITIALIZED)
+
+
+def nested_pmap(x):
+    import pickmap
+
+    return sum(pickmap.pmap(square, range(x)))
+
+
+# Counts how often the callable is unpickled in a worker.
+class CountsLoads:
+    loads_in_this_process = 0
+
+    def __init__(self, payload=b""):
+        self.payload = payload
+
+    def __reduce__(self):
+        return (_rebuild_counted, (self.payload,))
+
+    def __call__(self, x):
+        return (os.getpid(), CountsLoads.loads_in_this_process)
+
+
+def _rebuild_counted(payload):
+    CountsLoads.loads_in_this_process += 1
+    return CountsLoads(payload)
