@@ -1,0 +1,153 @@
+"""Engine guarantees from the performance work: ship once, warm pools, chunking, bounded streaming."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import pytest
+
+import pickmap
+from pickmap import imap, pmap
+from pickmap import pool as pools
+from pickmap.chunking import MAX_ADAPTIVE, Chunker
+
+import zoo
+
+pytestmark = pytest.mark.timeout(60)
+PROCESS = ("stdlib", "cloudpickle", "dill")
+
+
+@pytest.mark.parametrize("name", PROCESS)
+def test_callable_is_loaded_once_per_worker_per_call(name):
+    func = zoo.CountsLoads(b"x" * 1000)
+    pickmap.shutdown()
+
+    def loads_by_pid(results):
+        seen: dict[int, set[int]] = {}
+        for pid, loads in results:
+            seen.setdefault(pid, set()).add(loads)
+        return seen
+
+    first = loads_by_pid(pmap(func, range(64), backend=name, workers=2, chunksize=1))
+    # 64 chunks, but each worker's counter did not move within the call
+    assert all(len(counts) == 1 for counts in first.values()), first
+    second = loads_by_pid(pmap(func, range(64), backend=name, workers=2, chunksize=1))
+    # warm workers loaded it exactly once more for the new call
+    for pid, counts in second.items():
+        if pid in first:
+            assert counts == {next(iter(first[pid])) + 1}, (first, second)
+
+
+def test_warm_pool_reuses_workers_across_calls():
+    pickmap.shutdown()
+    first = set(pmap(zoo.pid_of, range(40), backend="stdlib", workers=2, chunksize=1))
+    second = set(pmap(zoo.pid_of, range(40), backend="stdlib", workers=2, chunksize=1))
+    assert first and first == second
+    assert os.getpid() not in first
+
+
+def test_shutdown_stops_idle_workers():
+    pids = set(pmap(zoo.pid_of, range(20), backend="stdlib", workers=2, chunksize=1))
+    assert pools.idle_pool_count() >= 1
+    pickmap.shutdown()
+    assert pools.idle_pool_count() == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.05)
+
+
+def test_idle_workers_exit_and_the_next_call_replaces_them(monkeypatch):
+    pickmap.shutdown()
+    monkeypatch.setenv("PICKMAP_IDLE_TIMEOUT", "0.2")
+    first = set(pmap(zoo.pid_of, range(10), backend="stdlib", workers=2, chunksize=1))
+    time.sleep(0.6)
+    second = set(pmap(zoo.pid_of, range(10), backend="stdlib", workers=2, chunksize=1))
+    assert second and not (first & second)
+    pickmap.shutdown()
+
+
+def test_idle_exit_racing_a_new_call_loses_no_chunk(monkeypatch):
+    # Workers leave after 50 ms idle; calls spaced around that make chunks
+    # land on workers that are saying BYE. Every result must still arrive.
+    pickmap.shutdown()
+    monkeypatch.setenv("PICKMAP_IDLE_TIMEOUT", "0.05")
+    for pause in (0.03, 0.045, 0.05, 0.055, 0.07) * 3:
+        assert pmap(zoo.square, range(12), backend="stdlib", workers=2, chunksize=1) == [i * i for i in range(12)]
+        time.sleep(pause)
+    pickmap.shutdown()
+
+
+def test_known_length_gives_each_worker_several_chunks():
+    chunker = Chunker(iter(range(1000)), 1000, workers=2, chunksize=None)
+    assert chunker.size == 125  # 1000 / (4 * 2)
+
+
+def test_adaptive_chunks_grow_toward_the_target_and_stay_bounded():
+    chunker = Chunker(iter(()), None, workers=2, chunksize=None)
+    assert chunker.size == 1
+    sizes = []
+    for _ in range(30):
+        chunker.observe(chunker.size, chunker.size * 1e-6)  # 1 µs per item
+        sizes.append(chunker.size)
+    assert sizes[:4] == [2, 4, 8, 16]  # at most doubling
+    assert sizes[-1] == MAX_ADAPTIVE
+    chunker.observe(100, 10.0)  # slow items: shrink at once
+    assert chunker.size == 1
+
+
+def test_chunksize_overrides_both():
+    assert Chunker(iter(()), None, 2, chunksize=9).size == 9
+    assert Chunker(iter(()), 10**6, 2, chunksize=9).size == 9
+
+
+def test_imap_reads_an_endless_input_only_as_fast_as_it_is_consumed():
+    pulled = itertools.count()
+    source = (next(pulled) for _ in itertools.count())
+    results = imap(zoo.square, source, backend="stdlib", workers=2)
+    for _ in range(10):
+        next(results)
+    time.sleep(0.2)
+    before = next(pulled)
+    time.sleep(0.3)
+    after = next(pulled)
+    assert after == before + 1  # nothing read while nobody consumes
+    assert before < 10 + 2 * 2 * 2 * MAX_ADAPTIVE  # bounded read-ahead
+    results.close()
+
+
+def test_cached_verdict_skips_the_ladder():
+    from pickmap.probe import choose
+
+    closure = zoo.make_closure(2)
+    name, _, verdicts = choose(closure, [1])
+    assert name == "cloudpickle" and [v.backend for v in verdicts] == ["stdlib", "cloudpickle"]
+    name, _, verdicts = choose(closure, [1])
+    assert name == "cloudpickle" and [v.backend for v in verdicts] == ["cloudpickle"]
+
+
+def test_cached_verdict_is_rechecked_when_the_object_changes():
+    import threading
+
+    from pickmap.probe import choose
+
+    scaler = zoo.Scaler(2)
+    assert choose(scaler.scale, [1])[0] == "stdlib"
+    scaler.lock = threading.Lock()  # now only dill can carry its __self__
+    assert choose(scaler.scale, [1])[0] == "dill"
+
+
+def test_cache_does_not_keep_closures_alive():
+    import gc
+    import weakref
+
+    closure = zoo.make_closure(3)
+    pmap(closure, [1, 2])
+    ref = weakref.ref(closure)
+    del closure
+    gc.collect()
+    assert ref() is None
