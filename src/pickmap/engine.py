@@ -196,19 +196,25 @@ class _Run:
             ready_slots = list(dict.fromkeys(watched[obj] for obj in ready))
         out: list[list[Any]] = []
         for slot in ready_slots:
-            try:
-                messages = slot.worker.receive() if not slot.eof else []
-            except (EOFError, OSError):
-                slot.eof, messages = True, []
-            for header, payloads in messages:
-                results = self._on_message(slot, header, payloads)
-                if results is not None:
-                    out.append(results)
+            if not slot.eof:
+                self._drain(slot, out)
         for slot in slots:
             if slot in self.pool.slots and slot.worker.exitcode() is not None:
+                # Whatever it wrote before dying (results, BYE) is still in the pipe.
+                self._drain(slot, out)
                 self._on_death(slot)
         self._check_timeouts()
         return out
+
+    def _drain(self, slot: Slot, out: list[list[Any]]) -> None:
+        try:
+            messages = slot.worker.receive()
+        except (EOFError, OSError):
+            slot.eof, messages = True, []
+        for header, payloads in messages:
+            results = self._on_message(slot, header, payloads)
+            if results is not None:
+                out.append(results)
 
     def _wait_timeout(self, slots: list[Slot]) -> float | None:
         timeouts = []

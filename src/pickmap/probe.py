@@ -108,31 +108,31 @@ def try_backend(
 
 
 # --------------------------------------------------------------------------- verdict cache
-# func (weakly) -> {(item types, extra key) -> backend name}. Bound methods are
-# fresh objects on every attribute access, so they are keyed by their function
-# and the type of the object they are bound to.
+# object (weakly) -> {(function, item types) -> backend name}. A bound method is
+# a fresh object on every attribute access, so it is keyed by the object it is
+# bound to (and its function): one instance's verdict never sticks to another.
 _CACHE: "weakref.WeakKeyDictionary[Any, dict[Any, str]]" = weakref.WeakKeyDictionary()
 
 
-def _cache_slot(func: Any, sample: Sequence[Any]) -> tuple[Any, Any] | None:
+def _cache_slot(func: Any, sample: Sequence[Any]) -> tuple[Any, Any]:
     item_types = tuple(type(item) for item in sample)
     if isinstance(func, types.MethodType):
-        return func.__func__, (type(func.__self__), item_types)
-    return func, item_types
+        return func.__self__, (func.__func__, item_types)
+    return func, (None, item_types)
 
 
 def _cached(func: Any, sample: Sequence[Any]) -> str | None:
-    slot = _cache_slot(func, sample)
+    owner, key = _cache_slot(func, sample)
     try:
-        return _CACHE.get(slot[0], {}).get(slot[1])  # type: ignore[index]
+        return _CACHE.get(owner, {}).get(key)
     except TypeError:  # not weak-referenceable or not hashable: no caching
         return None
 
 
 def _remember(func: Any, sample: Sequence[Any], backend: str) -> None:
-    slot = _cache_slot(func, sample)
+    owner, key = _cache_slot(func, sample)
     try:
-        _CACHE.setdefault(slot[0], {})[slot[1]] = backend  # type: ignore[index]
+        _CACHE.setdefault(owner, {})[key] = backend
     except TypeError:
         pass
 

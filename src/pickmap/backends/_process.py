@@ -45,9 +45,15 @@ class ProcessWorker(Worker):
         send_message(self.conn, header, payloads)
 
     def receive(self) -> list[Message]:
-        messages = []
-        while self.conn.poll():
-            messages.append(recv_message(self.conn))
+        messages: list[Message] = []
+        try:
+            while self.conn.poll():
+                messages.append(recv_message(self.conn))
+        except (EOFError, OSError):
+            if not messages:
+                raise
+            # Hand over what arrived before the pipe closed (a last result,
+            # BYE); the next call raises EOFError.
         return messages
 
     def exitcode(self) -> int | None:
