@@ -73,21 +73,30 @@ def in_worker() -> bool:
 
 
 # --------------------------------------------------------------------------- pipe framing
-def send_message(conn: Any, header: Header, payloads: Sequence[bytes] = ()) -> None:
-    """Write one message on a multiprocessing Connection (one frame if small)."""
-    if sum(len(p) for p in payloads) <= _INLINE_FRAME_LIMIT:
-        conn.send_bytes(pickle.dumps((header, tuple(payloads)), pickle.HIGHEST_PROTOCOL))
+def send_messages(conn: Any, messages: Sequence[Message]) -> None:
+    """Write messages on a multiprocessing Connection: one frame when small.
+
+    A SETUP and the first CHUNK go together, so a warm worker is woken once
+    per call. Large payloads follow the control frame as raw frames, so a
+    50 MB callable is never copied into a second pickle.
+    """
+    if sum(len(p) for _, payloads in messages for p in payloads) <= _INLINE_FRAME_LIMIT:
+        conn.send_bytes(pickle.dumps(tuple(messages), pickle.HIGHEST_PROTOCOL))
         return
-    conn.send_bytes(pickle.dumps((header, len(payloads)), pickle.HIGHEST_PROTOCOL))
-    for payload in payloads:
-        conn.send_bytes(payload)
+    control = tuple((header, len(payloads)) for header, payloads in messages)
+    conn.send_bytes(pickle.dumps(control, pickle.HIGHEST_PROTOCOL))
+    for _, payloads in messages:
+        for payload in payloads:
+            conn.send_bytes(payload)
 
 
-def recv_message(conn: Any) -> Message:
-    header, payloads = pickle.loads(conn.recv_bytes())
-    if isinstance(payloads, int):
-        payloads = tuple(conn.recv_bytes() for _ in range(payloads))
-    return header, payloads
+def recv_messages(conn: Any) -> list[Message]:
+    messages = []
+    for header, payloads in pickle.loads(conn.recv_bytes()):
+        if isinstance(payloads, int):
+            payloads = tuple(conn.recv_bytes() for _ in range(payloads))
+        messages.append((header, payloads))
+    return messages
 
 
 # --------------------------------------------------------------------------- running items
@@ -208,14 +217,18 @@ class WorkerState:
         return start, results  # the list as a whole failed (should not happen)
 
 
-def serve(recv: Callable[[], Message], send: Callable[[Header, Sequence[Any]], None], state: WorkerState) -> None:
+def serve(
+    recv: Callable[[], Sequence[Message]], send: Callable[[list[Message]], None], state: WorkerState
+) -> None:
     """The worker loop shared by process and thread workers."""
     while True:
-        header, payloads = recv()
-        if header[0] == STOP:
-            return
-        for reply in state.handle(header, payloads):
-            send(*reply)
+        replies: list[Message] = []
+        for header, payloads in recv():
+            if header[0] == STOP:
+                return
+            replies.extend(state.handle(header, payloads))
+        if replies:
+            send(replies)
 
 
 # --------------------------------------------------------------------------- process entry point
@@ -239,15 +252,15 @@ def process_main(conn: Any, serializer_name: str, progress: Any, idle_timeout: f
     view = memoryview(progress).cast("B").cast("d") if progress is not None else None
     state = WorkerState(get_serializer(serializer_name), view)
 
-    def recv() -> Message:
+    def recv() -> list[Message]:
         if not conn.poll(idle_timeout):
             # Idle too long: say so and leave. The caller re-queues anything it
             # sent after our last reply, since we never read it.
-            send_message(conn, (BYE,))
+            send_messages(conn, [((BYE,), ())])
             raise SystemExit(0)
-        return recv_message(conn)
+        return recv_messages(conn)
 
     try:
-        serve(recv, lambda header, payloads: send_message(conn, header, payloads), state)
+        serve(recv, lambda replies: send_messages(conn, replies), state)
     except (EOFError, OSError, SystemExit):
         pass  # the caller went away or we said BYE; Process._bootstrap flushes and exits

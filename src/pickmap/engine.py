@@ -159,13 +159,15 @@ class _Run:
 
     def _send(self, slot: Slot, chunk: _Chunk) -> None:
         call = self.call
+        messages = []
+        if slot.call_id != call.id:
+            payloads = (call.func_payload,) if call.init_payload is None else (call.func_payload, call.init_payload)
+            messages.append(((SETUP, call.id, call.star, call.collect, call.timed), payloads))
+        messages.append(((CHUNK, call.id, chunk.seq, chunk.start), (chunk.payload,)))
         try:
-            if slot.call_id != call.id:
-                payloads = (call.func_payload,) if call.init_payload is None else (call.func_payload, call.init_payload)
-                slot.worker.send((SETUP, call.id, call.star, call.collect, call.timed), payloads)
-                slot.call_id = call.id
-                slot.tainted = slot.tainted or call.init_payload is not None
-            slot.worker.send((CHUNK, call.id, chunk.seq, chunk.start), (chunk.payload,))
+            slot.worker.send(messages)
+            slot.call_id = call.id
+            slot.tainted = slot.tainted or call.init_payload is not None
         except OSError:
             # The worker is gone (idle exit or a crash between calls); its
             # death is handled by _wait. This chunk never reached it.

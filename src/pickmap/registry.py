@@ -69,10 +69,16 @@ def _canonical(name: str) -> str:
     return _ALIASES.get(name, name)
 
 
+_FOUND: set[str] = set()  # modules known to be installed (a package does not vanish mid-run)
+
+
 def _missing_module(entry: _Entry) -> str | None:
     for module in entry.requires:
+        if module in _FOUND:
+            continue
         if importlib.util.find_spec(module) is None:
             return module
+        _FOUND.add(module)
     return None
 
 

@@ -12,7 +12,7 @@ import importlib
 import weakref
 from typing import Any, ClassVar, Sequence
 
-from .._worker import Header, Message, STOP, process_main, recv_message, send_message
+from .._worker import STOP, Message, process_main, recv_messages, send_messages
 from .base import Backend, Worker
 
 # The caller's ends of every live worker pipe. A worker started by fork
@@ -41,14 +41,14 @@ class ProcessWorker(Worker):
         self.sentinel = self.process.sentinel
         self.pid = self.process.pid
 
-    def send(self, header: Header, payloads: Sequence[Any] = ()) -> None:
-        send_message(self.conn, header, payloads)
+    def send(self, messages: Sequence[Message]) -> None:
+        send_messages(self.conn, messages)
 
     def receive(self) -> list[Message]:
         messages: list[Message] = []
         try:
             while self.conn.poll():
-                messages.append(recv_message(self.conn))
+                messages.extend(recv_messages(self.conn))
         except (EOFError, OSError):
             if not messages:
                 raise
@@ -66,7 +66,7 @@ class ProcessWorker(Worker):
 
     def stop(self, grace: float) -> None:
         try:
-            self.send((STOP,))
+            self.send([((STOP,), ())])
         except OSError:
             pass
         self.process.join(grace)

@@ -18,7 +18,7 @@ import abc
 import os
 from typing import Any, ClassVar, Sequence
 
-from .._worker import Header, Message
+from .._worker import Message
 
 __all__ = ("Backend", "Worker")
 
@@ -39,8 +39,8 @@ class Worker(abc.ABC):
     progress: Any = None
 
     @abc.abstractmethod
-    def send(self, header: Header, payloads: Sequence[Any] = ()) -> None:
-        """Queue one message for the worker. Raises ``OSError`` if it is gone."""
+    def send(self, messages: Sequence[Message]) -> None:
+        """Hand messages to the worker, in order. Raises ``OSError`` if it is gone."""
 
     @abc.abstractmethod
     def receive(self) -> list[Message]:

@@ -7,9 +7,9 @@ caller's thread cannot be interrupted from inside.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
-from .._worker import Header, Message, WorkerState
+from .._worker import Message, WorkerState
 from ..serializers import get_serializer
 from .base import Backend, Worker
 
@@ -21,8 +21,9 @@ class InlineWorker(Worker):
         self._state = WorkerState(get_serializer("identity"))
         self._replies: list[Message] = []
 
-    def send(self, header: Header, payloads: Sequence[Any] = ()) -> None:
-        self._replies.extend(self._state.handle(header, payloads))
+    def send(self, messages: Sequence[Message]) -> None:
+        for header, payloads in messages:
+            self._replies.extend(self._state.handle(header, payloads))
 
     def receive(self) -> list[Message]:
         replies, self._replies = self._replies, []

@@ -17,14 +17,14 @@ import queue
 import threading
 from typing import Any, Sequence
 
-from .._worker import CHUNK, STOP, Header, Message, WorkerState, serve
+from .._worker import CHUNK, STOP, Message, WorkerState, serve
 from ..serializers import get_serializer
 from .base import Backend, Worker
 
 
 class ThreadWorker(Worker):
     def __init__(self, idle_timeout: float) -> None:
-        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Sequence[Message]] = queue.SimpleQueue()
         self._replies: collections.deque[Message] = collections.deque()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -38,14 +38,12 @@ class ThreadWorker(Worker):
     def _run(self) -> None:
         state = WorkerState(get_serializer("identity"), self.progress)
 
-        def recv() -> Message:
-            while True:
-                header, payloads = self._inbox.get()
-                if not (self._abandoned and header[0] == CHUNK):
-                    return header, payloads
+        def recv() -> list[Message]:
+            # An abandoned worker (timed out) skips queued chunks, keeps STOP.
+            return [m for m in self._inbox.get() if not (self._abandoned and m[0][0] == CHUNK)]
 
-        def reply(header: Header, payloads: Sequence[Any]) -> None:
-            self._replies.append((header, payloads))
+        def reply(replies: list[Message]) -> None:
+            self._replies.extend(replies)
             os.write(self._wake_write, b"\0")
 
         try:
@@ -56,8 +54,8 @@ class ThreadWorker(Worker):
             os.close(self._wake_write)
             os.close(self._wake_read)
 
-    def send(self, header: Header, payloads: Sequence[Any] = ()) -> None:
-        self._inbox.put((header, payloads))
+    def send(self, messages: Sequence[Message]) -> None:
+        self._inbox.put(messages)
 
     def receive(self) -> list[Message]:
         try:
@@ -71,10 +69,10 @@ class ThreadWorker(Worker):
 
     def kill(self) -> None:
         self._abandoned = True
-        self._inbox.put(((STOP,), ()))
+        self._inbox.put([((STOP,), ())])
 
     def stop(self, grace: float) -> None:
-        self._inbox.put(((STOP,), ()))
+        self._inbox.put([((STOP,), ())])
         self._thread.join(grace)
         self._abandoned = True
 
