@@ -128,7 +128,7 @@ def _prepare(
                 what="initializer",
             )
     call = Call(func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout)
-    chunker = Chunker(items, input_length(iterables), size, chunksize)
+    chunker = Chunker(items, input_length(iterables), size, chunksize, func)
     return _Prepared(plan, call, chunker, idle_timeout)
 
 

@@ -191,17 +191,17 @@ class _Run:
                 watched[worker.waitable] = slot
             if worker.sentinel is not None:
                 watched[worker.sentinel] = slot
-        if immediate:
-            ready_slots = slots
-        else:
-            ready = wait_for(list(watched), self._wait_timeout(slots))
-            ready_slots = list(dict.fromkeys(watched[obj] for obj in ready))
+        timeout = 0.0 if immediate else self._wait_timeout(slots)
+        ready = set(wait_for(list(watched), timeout)) if watched else set()
         out: list[list[Any]] = []
-        for slot in ready_slots:
-            if not slot.eof:
+        for slot in slots:
+            if slot.worker.waitable is None or (slot.worker.waitable in ready and not slot.eof):
                 self._drain(slot, out)
         for slot in slots:
-            if slot in self.pool.slots and slot.worker.exitcode() is not None:
+            sentinel = slot.worker.sentinel
+            # Threads have no sentinel: look at them when the periodic wake-up fires.
+            maybe_dead = sentinel in ready if sentinel is not None else (timeout is not None and not ready)
+            if maybe_dead and slot in self.pool.slots and slot.worker.exitcode() is not None:
                 # Whatever it wrote before dying (results, BYE) is still in the pipe.
                 self._drain(slot, out)
                 self._on_death(slot)
