@@ -44,11 +44,12 @@ never copied into a second pickle.
 from __future__ import annotations
 
 import itertools
+import mmap
 import pickle
 import signal
 import time
 import traceback
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from .serializers import Serializer, get_serializer
 
@@ -59,6 +60,22 @@ RESULT, ERROR, UNSENDABLE, SETUP_FAILED, BYE = 11, 12, 13, 14, 15
 
 Header = tuple
 Message = tuple[Header, Sequence[Any]]
+
+
+
+class Spill(NamedTuple):
+    """A large payload (a 50 MB ``self``) parked once in a file, on tmpfs where
+    there is one, instead of being pushed through every worker's pipe."""
+
+    path: str
+
+
+def load_payload(serializer: Serializer, payload: Any) -> Any:
+    if isinstance(payload, Spill):
+        with open(payload.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return serializer.loads(view)
+    return serializer.loads(payload)
+
 
 # Set in every pickmap worker (process or thread); nested pmap calls read it.
 _IN_WORKER = False
@@ -80,21 +97,24 @@ def send_messages(conn: Any, messages: Sequence[Message]) -> None:
     per call. Large payloads follow the control frame as raw frames, so a
     50 MB callable is never copied into a second pickle.
     """
-    if sum(len(p) for _, payloads in messages for p in payloads) <= _INLINE_FRAME_LIMIT:
+    if sum(len(p) for _, payloads in messages for p in payloads if isinstance(p, bytes)) <= _INLINE_FRAME_LIMIT:
         conn.send_bytes(pickle.dumps(tuple(messages), pickle.HIGHEST_PROTOCOL))
         return
-    control = tuple((header, len(payloads)) for header, payloads in messages)
+    # Split: bytes payloads become the marker 0 here and follow as raw frames.
+    control = tuple(
+        (header, tuple(0 if isinstance(p, bytes) else p for p in payloads)) for header, payloads in messages
+    )
     conn.send_bytes(pickle.dumps(control, pickle.HIGHEST_PROTOCOL))
     for _, payloads in messages:
         for payload in payloads:
-            conn.send_bytes(payload)
+            if isinstance(payload, bytes):
+                conn.send_bytes(payload)
 
 
 def recv_messages(conn: Any) -> list[Message]:
     messages = []
     for header, payloads in pickle.loads(conn.recv_bytes()):
-        if isinstance(payloads, int):
-            payloads = tuple(conn.recv_bytes() for _ in range(payloads))
+        payloads = tuple(conn.recv_bytes() if isinstance(p, int) else p for p in payloads)
         messages.append((header, payloads))
     return messages
 
@@ -167,10 +187,10 @@ class WorkerState:
         self.func = None  # drop the previous call's callable before anything else
         stage = "callable"
         try:
-            func = self.serializer.loads(payloads[0])
+            func = load_payload(self.serializer, payloads[0])
             if len(payloads) > 1:
                 stage = "initializer"
-                initializer, initargs = self.serializer.loads(payloads[1])
+                initializer, initargs = load_payload(self.serializer, payloads[1])
                 initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001
             return [self._failure(stage, exc)]

@@ -149,16 +149,24 @@ def _raise_cannot_carry(name: str, source: str, verdict: Verdict, func: Any, sam
     )
 
 
-def _run(prepared: _Prepared, *, ordered: bool, eager_errors: bool, bounded: bool) -> Iterator[Any]:
+def _run(prepared: _Prepared, *, ordered: bool, eager_errors: bool, bounded: bool) -> Iterator[list[Any]]:
+    """Run the prepared call on a warm pool; yield one list of results per chunk."""
     call, chunker, plan = prepared.call, prepared.chunker, prepared.plan
     if call is None or chunker is None:
         return
     pool = pools.acquire(call.backend, plan.start_method, plan.workers, prepared.idle_timeout)
     try:
-        for results in execute(pool, call, chunker, ordered=ordered, eager_errors=eager_errors, bounded=bounded):
-            yield from results
+        yield from execute(pool, call, chunker, ordered=ordered, eager_errors=eager_errors, bounded=bounded)
     finally:
         pools.release(pool)
+
+
+def _stream(chunks: Iterator[list[Any]]) -> Iterator[Any]:
+    try:
+        for results in chunks:
+            yield from results
+    finally:
+        chunks.close()  # type: ignore[attr-defined] # closing early cancels the call now, not at GC
 
 
 def pmap(
@@ -193,7 +201,10 @@ def pmap(
         "pmap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
         initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
     )  # fmt: skip
-    return list(_run(prepared, ordered=True, eager_errors=True, bounded=False))
+    results: list[Any] = []
+    for chunk_results in _run(prepared, ordered=True, eager_errors=True, bounded=False):
+        results.extend(chunk_results)
+    return results
 
 
 def imap(
@@ -221,7 +232,7 @@ def imap(
         "imap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
         initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
     )  # fmt: skip
-    return _run(prepared, ordered=ordered, eager_errors=not ordered, bounded=True)
+    return _stream(_run(prepared, ordered=ordered, eager_errors=not ordered, bounded=True))
 
 
 def explain(func: Callable[..., Any], *iterables: Iterable[Any], backend: str | None = None) -> Plan:

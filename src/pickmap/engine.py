@@ -20,15 +20,18 @@ whatever is still running.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
+import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from ._worker import BYE, CHUNK, ERROR, RESULT, SETUP, SETUP_FAILED, UNSENDABLE
+from ._worker import BYE, CHUNK, ERROR, RESULT, SETUP, SETUP_FAILED, UNSENDABLE, Spill
 from .backends.base import Backend
 from .chunking import Chunker
 from .errors import RemoteTraceback, SerializationError, TaskTimeoutError, WorkerCrashedError, WorkerError
@@ -41,23 +44,81 @@ _call_ids = itertools.count(1)
 _THREAD_POLL = 1.0  # seconds; threads have no sentinel, so check on them this often
 
 
-@dataclass
+SPILL_BYTES = 1 << 20  # payloads this large go through a file, not every worker's pipe
+_SPILL_DIR = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+_LIVE_SPILLS: set[str] = set()
+
+
+def _remove_spills(paths: Iterable[str]) -> None:
+    for path in list(paths):
+        _LIVE_SPILLS.discard(path)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+atexit.register(lambda: _remove_spills(_LIVE_SPILLS))
+
+
 class Call:
-    """Everything the engine needs to know about one ``pmap``/``imap`` call."""
+    """Everything the engine needs to know about one ``pmap``/``imap`` call.
 
-    func: Callable[..., Any]
-    backend: Backend
-    func_payload: Any
-    init_payload: Any = None
-    star: bool = False
-    collect: bool = False
-    timeout: float | None = None
+    ``func_parts``/``init_parts`` are what the probe produced: pickle pieces
+    (process backends) or the objects themselves (threads, serial). They are
+    turned into what travels (:meth:`setup_payloads`) once, on first use.
+    """
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        backend: Backend,
+        func_parts: Any,
+        init_parts: Any = None,
+        *,
+        star: bool = False,
+        collect: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        self.func = func
+        self.backend = backend
+        self.star = star
+        self.collect = collect
+        self.timeout = timeout
         self.id = next(_call_ids)
-        self.serializer: Serializer = get_serializer(self.backend.serializer)
-        self.timed = self.timeout is not None and self.backend.enforces_timeout
-        self.label = getattr(self.func, "__qualname__", None) or type(self.func).__qualname__
+        self.serializer: Serializer = get_serializer(backend.serializer)
+        self.timed = timeout is not None and backend.enforces_timeout
+        self.label = getattr(func, "__qualname__", None) or type(func).__qualname__
+        self._parts = (func_parts,) if init_parts is None else (func_parts, init_parts)
+        self._payloads: tuple[Any, ...] | None = None
+        self._spills: list[str] = []
+
+    @property
+    def has_initializer(self) -> bool:
+        return len(self._parts) > 1
+
+    def setup_payloads(self) -> tuple[Any, ...]:
+        if self._payloads is None:
+            self._payloads = tuple(self._ship(parts) for parts in self._parts)
+        return self._payloads
+
+    def _ship(self, parts: Any) -> Any:
+        if not self.serializer.by_value:
+            return parts
+        if sum(map(len, parts)) < SPILL_BYTES:
+            return b"".join(parts)
+        fd, path = tempfile.mkstemp(prefix=f"pickmap-{os.getpid()}-", dir=_SPILL_DIR)
+        _LIVE_SPILLS.add(path)
+        self._spills.append(path)
+        with os.fdopen(fd, "wb") as file:
+            file.writelines(parts)
+        return Spill(path)
+
+    def close(self) -> None:
+        """Remove spill files. Every worker that got the SETUP has loaded it by now,
+        or was killed for being busy with this call."""
+        _remove_spills(self._spills)
+        self._spills.clear()
 
 
 @dataclass
@@ -123,6 +184,7 @@ class _Run:
             raise
         finally:
             self.pool.end_call(interrupted=interrupted)
+            self.call.close()
 
     # ------------------------------------------------------------------ dispatching
     def _dispatch(self) -> None:
@@ -161,13 +223,12 @@ class _Run:
         call = self.call
         messages = []
         if slot.call_id != call.id:
-            payloads = (call.func_payload,) if call.init_payload is None else (call.func_payload, call.init_payload)
-            messages.append(((SETUP, call.id, call.star, call.collect, call.timed), payloads))
+            messages.append(((SETUP, call.id, call.star, call.collect, call.timed), call.setup_payloads()))
         messages.append(((CHUNK, call.id, chunk.seq, chunk.start), (chunk.payload,)))
         try:
             slot.worker.send(messages)
             slot.call_id = call.id
-            slot.tainted = slot.tainted or call.init_payload is not None
+            slot.tainted = slot.tainted or call.has_initializer
         except OSError:
             # The worker is gone (idle exit or a crash between calls); its
             # death is handled by _wait. This chunk never reached it.

@@ -68,12 +68,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _round_trip(serializer_name: str, obj: Any, what: str, *, load: bool = True) -> tuple[str | None, Any]:
-    """``(failure reason or None, bytes)`` for one object; ``load=False`` skips the loads half."""
+    """``(failure reason or None, pickle parts)`` for one object; ``load=False`` skips the loads half."""
     serializer = get_serializer(serializer_name)
     if not serializer.by_value:
         return None, obj
     try:
-        data = serializer.dumps(obj)
+        data = serializer.dump_parts(obj)
         if load:
             serializer.trial_loads(data)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot carry"
@@ -104,7 +104,7 @@ def try_backend(
         return Verdict(name, False, reason), None
     if not get_serializer(serializer_name).by_value:
         return Verdict(name, True, "shares memory with the caller: nothing is serialized"), payload
-    return Verdict(name, True, f"round trip ok ({len(payload):,} bytes)"), payload
+    return Verdict(name, True, f"round trip ok ({sum(map(len, payload)):,} bytes)"), payload
 
 
 # --------------------------------------------------------------------------- verdict cache

@@ -33,6 +33,42 @@ __all__ = ("Serializer", "get_serializer", "main_references")
 _MAIN_MODULES = ("__main__", "__mp_main__")
 
 
+class _Parts:
+    """A write-only file that keeps what it is given: large ``bytes`` pass through uncopied."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data) if not isinstance(data, bytes) else data)
+        return len(data)
+
+
+class PartsReader(io.RawIOBase):
+    """Reads a list of byte strings as one stream, without joining them first."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self._parts = parts
+        self._index = 0
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(view) and self._index < len(self._parts):
+            part = self._parts[self._index]
+            take = min(len(view) - filled, len(part) - self._offset)
+            view[filled : filled + take] = part[self._offset : self._offset + take]
+            filled += take
+            self._offset += take
+            if self._offset == len(part):
+                self._index, self._offset = self._index + 1, 0
+        return filled
+
+
 class Serializer:
     """A named ``dumps``/``loads`` pair. ``by_value`` is False for in-memory transports."""
 
@@ -45,9 +81,13 @@ class Serializer:
     def loads(self, data: Any) -> Any:
         raise NotImplementedError
 
-    def trial_loads(self, data: Any) -> Any:
+    def dump_parts(self, obj: Any) -> list[bytes]:
+        """The pickle as a list of pieces; large buffers are not copied (see ``_Parts``)."""
+        return [self.dumps(obj)]
+
+    def trial_loads(self, parts: list[bytes]) -> Any:
         """``loads`` for the probe's round trip in the caller's process: no side effects."""
-        return self.loads(data)
+        return self.loads(b"".join(parts))
 
 
 # --------------------------------------------------------------------------- stdlib
@@ -100,6 +140,14 @@ class StdlibSerializer(Serializer):
 
     loads = staticmethod(pickle.loads)  # type: ignore[assignment]
 
+    def dump_parts(self, obj: Any) -> list[bytes]:
+        sink = _Parts()
+        _StdlibPickler(sink, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        return sink.parts
+
+    def trial_loads(self, parts: list[bytes]) -> Any:
+        return pickle.Unpickler(PartsReader(parts)).load()
+
 
 # --------------------------------------------------------------------------- cloudpickle / dill
 class _UntrackedUnpickler(pickle.Unpickler):
@@ -137,8 +185,15 @@ class CloudpickleSerializer(Serializer):
 
     loads = staticmethod(pickle.loads)  # type: ignore[assignment]
 
-    def trial_loads(self, data: bytes) -> Any:
-        return _UntrackedUnpickler(io.BytesIO(data)).load()
+    def dump_parts(self, obj: Any) -> list[bytes]:
+        import cloudpickle
+
+        sink = _Parts()
+        cloudpickle.CloudPickler(sink, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        return sink.parts
+
+    def trial_loads(self, parts: list[bytes]) -> Any:
+        return _UntrackedUnpickler(PartsReader(parts)).load()
 
 
 class DillSerializer(Serializer):
@@ -153,6 +208,13 @@ class DillSerializer(Serializer):
         import dill
 
         return dill.loads(data)
+
+    def dump_parts(self, obj: Any) -> list[bytes]:
+        import dill
+
+        sink = _Parts()
+        dill.dump(obj, sink, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+        return sink.parts
 
 
 class IdentitySerializer(Serializer):
@@ -188,18 +250,18 @@ _STRING_OPS = frozenset(
 )
 
 
-def main_references(data: bytes) -> list[str]:
-    """Names of ``__main__`` objects that ``data`` refers to by reference.
+def main_references(parts: list[bytes]) -> list[str]:
+    """Names of ``__main__`` objects that the pickle in ``parts`` refers to by reference.
 
     Cheap when there are none: the opcode walk only runs when the bytes
     mention ``__main__`` at all.
     """
-    if not isinstance(data, (bytes, bytearray)) or not any(m.encode() in data for m in _MAIN_MODULES):
+    if not any(m.encode() in part for part in parts for m in _MAIN_MODULES):
         return []
     found: list[str] = []
     memo: dict[int, Any] = {}
     pushed: list[Any] = []  # recent pushes, strings kept, anything else as None
-    for opcode, arg, _pos in pickletools.genops(data):
+    for opcode, arg, _pos in pickletools.genops(b"".join(parts)):
         op = opcode.name
         if op in _STRING_OPS:
             pushed.append(arg)
