@@ -151,3 +151,22 @@ def test_cache_does_not_keep_closures_alive():
     del closure
     gc.collect()
     assert ref() is None
+
+
+def _spills():
+    from pickmap.engine import _SPILL_DIR
+
+    return {name for name in os.listdir(_SPILL_DIR) if name.startswith(f"pickmap-{os.getpid()}-")}
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_large_callable_travels_through_a_spill_file_once(method):
+    big = zoo.Big()
+    before = _spills()
+    assert pmap(big.size_plus, range(20), backend="stdlib", workers=2, start_method=method) == [
+        len(big.data) + i for i in range(20)
+    ]
+    assert _spills() == before  # removed when the call ended
+    with pytest.raises(ValueError):
+        pmap(big.fail, range(20), backend="cloudpickle", workers=2, start_method=method)
+    assert _spills() == before

@@ -160,3 +160,16 @@ class CountsLoads:
 def _rebuild_counted(payload):
     CountsLoads.loads_in_this_process += 1
     return CountsLoads(payload)
+
+
+class Big:
+    """Holds a payload larger than the spill threshold."""
+
+    def __init__(self, size=3 * 2**20):
+        self.data = os.urandom(size)
+
+    def size_plus(self, x):
+        return len(self.data) + x
+
+    def fail(self, x):
+        raise ValueError(x)
