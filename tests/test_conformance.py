@@ -109,3 +109,11 @@ def test_closures_and_lambdas_travel_on_capable_backends(backend):
 def test_large_items_and_results(backend):
     blobs = [bytes([i]) * 300_000 for i in range(6)]
     assert pmap(len, blobs, **backend.kwargs) == [300_000] * 6
+
+
+def test_return_exceptions_with_an_exception_that_cannot_travel(backend):
+    results = pmap(zoo.raise_unpicklable_exception, range(3), return_exceptions=True, **backend.kwargs)
+    assert len(results) == 3
+    assert all(isinstance(r, BaseException) for r in results)
+    if backend.isolated:
+        assert all(isinstance(r, pickmap.WorkerError) for r in results)

@@ -173,3 +173,15 @@ class Big:
 
     def fail(self, x):
         raise ValueError(x)
+
+
+class NeedsContext(Exception):
+    """Cannot be rebuilt by unpickling: __init__ wants two arguments, passes one."""
+
+    def __init__(self, message, context):
+        super().__init__(message)
+        self.context = context
+
+
+def raise_unpicklable_exception(x):
+    raise NeedsContext(f"item {x}", context={"x": x})

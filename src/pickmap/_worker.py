@@ -8,11 +8,13 @@ one ``pmap`` call on a process backend::
     ─────────────────────────                            ─────────────────────────────
     probe: serialize func once ──┐
                                  │  SETUP(call, flags) + func bytes [+ initializer]
-    first chunk for this worker ─┴───────────────────────────────▶ loads func, run
+    first chunk for this worker ─┤  (>= 1 MiB: bytes written once to a spill file
+                                 │   on tmpfs; SETUP names the file)
+                                 └───────────────────────────────▶ loads func, run
                                                                    initializer, keep
                                                                    both for this call
-    chunker: next items ─▶ dumps │  CHUNK(call, seq, start) + items bytes
-                                 └───────────────────────────────▶ loads items,
+    chunker: next items ─▶ dumps ─  CHUNK(call, seq, start) + items bytes
+                                  ───────────────────────────────▶ loads items,
                                                                    results = map(func)
                                     RESULT(seq, seconds) + results bytes
     ordered/unordered emit ◀───────────────────────────────────── dumps results
@@ -36,9 +38,10 @@ than a bounded amount of work.
 
 Messages are ``(header, payloads)``: ``header`` is a small tuple whose first
 field is the kind; ``payloads`` holds serialized blobs (bytes for processes,
-objects for threads). On a pipe, small messages go as one frame; large
-payloads (a 50 MB callable) follow the header as separate frames so they are
-never copied into a second pickle.
+objects for threads). Each write carries a batch of messages (SETUP and the
+first CHUNK go together, so a warm worker wakes once). On a pipe a small batch
+is one frame; payloads over 1 MiB follow as raw frames, never copied into a
+second pickle.
 """
 
 from __future__ import annotations
@@ -153,6 +156,7 @@ def run_items(
         except BaseException as exc:  # noqa: BLE001
             if not collect:
                 return results, start + offset, exc
+            exc.add_note(f"pickmap: raised on item {start + offset}")
             results.append(exc)
     if progress is not None:
         progress[1] = 0.0
@@ -217,6 +221,8 @@ class WorkerState:
         if exc is not None:
             header = (ERROR, seq, failed_at, *describe_exception(exc))
             return [(header, (self._dump_or_none(exc), self._dump_or_none(results)))]
+        if self.collect:
+            results = [self._sendable_exception(r) if isinstance(r, BaseException) else r for r in results]
         try:
             blob = self.serializer.dumps(results)
         except BaseException as exc:  # noqa: BLE001
@@ -229,6 +235,25 @@ class WorkerState:
             return self.serializer.dumps(obj)
         except BaseException:  # noqa: BLE001 - the repr/traceback still travel
             return None
+
+    def _sendable_exception(self, exc: BaseException) -> BaseException:
+        """A collected exception, or a WorkerError standing in for one that cannot travel."""
+        if not self.serializer.by_value:
+            return exc
+        try:
+            self.serializer.loads(self.serializer.dumps(exc))
+            return exc
+        except BaseException:  # noqa: BLE001
+            from .errors import WorkerError
+
+            exc_repr, remote_tb = describe_exception(exc)
+            notes = getattr(exc, "__notes__", [""])
+            return WorkerError(
+                f"{exc_repr} could not be sent back as itself ({notes[-1]})",
+                exc_repr=exc_repr,
+                remote_traceback=remote_tb,
+                index=None,
+            )
 
     def _first_unsendable(self, results: list[Any], start: int) -> tuple[int, Any]:
         for offset, result in enumerate(results):

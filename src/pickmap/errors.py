@@ -42,6 +42,18 @@ __all__ = (
 class PickmapError(Exception):
     """Base class of every error pickmap itself raises."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # The subclasses take keyword arguments, which default exception
+        # pickling drops; rebuild from the message and restore the attributes
+        # (and notes), so these errors travel between processes intact.
+        return _rebuild, (type(self), str(self)), self.__dict__
+
+
+def _rebuild(cls: type[PickmapError], message: str) -> PickmapError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    return error
+
 
 class UnknownBackendError(PickmapError, ValueError):
     """A backend name that is not registered (from an argument or the environment)."""
