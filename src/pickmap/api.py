@@ -10,8 +10,7 @@ pool from ``pool.py``.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from . import pool as pools
 from ._settings import check_positive_int, check_timeout, resolve_idle_timeout, resolve_start_method, resolve_workers
@@ -28,8 +27,7 @@ _NOTHING = object()
 _NESTED_OK = ("thread", "serial")
 
 
-@dataclass
-class _Prepared:
+class _Prepared(NamedTuple):
     plan: Plan
     call: Call | None  # None: empty input, nothing to run
     chunker: Chunker | None

@@ -27,9 +27,8 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ._worker import BYE, CHUNK, ERROR, RESULT, SETUP, SETUP_FAILED, UNSENDABLE, Spill
 from .backends.base import Backend
@@ -121,8 +120,7 @@ class Call:
         self._spills.clear()
 
 
-@dataclass
-class _Chunk:
+class _Chunk(NamedTuple):
     seq: int
     start: int
     count: int

@@ -24,7 +24,8 @@ from __future__ import annotations
 import atexit
 import collections
 import threading
-from dataclasses import dataclass, field
+from typing import Any
+
 from .backends.base import Backend, Worker
 
 __all__ = ("WorkerPool", "Slot", "acquire", "release", "shutdown")
@@ -32,16 +33,18 @@ __all__ = ("WorkerPool", "Slot", "acquire", "release", "shutdown")
 _GRACE = 2.0  # seconds a stopping worker gets before it is killed
 
 
-@dataclass(eq=False)
 class Slot:
     """A worker plus the engine's bookkeeping about it."""
 
-    worker: Worker
-    queued: collections.deque = field(default_factory=collections.deque)  # chunks sent, unanswered
-    call_id: int | None = None  # the call whose SETUP it holds
-    tainted: bool = False  # ran an initializer
-    said_bye: bool = False  # exited after its idle timeout
-    eof: bool = False  # its channel closed: dead or dying
+    __slots__ = ("worker", "queued", "call_id", "tainted", "said_bye", "eof")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.queued: collections.deque[Any] = collections.deque()  # chunks sent, unanswered
+        self.call_id: int | None = None  # the call whose SETUP it holds
+        self.tainted = False  # ran an initializer
+        self.said_bye = False  # exited after its idle timeout
+        self.eof = False  # its channel closed: dead or dying
 
     @property
     def usable(self) -> bool:

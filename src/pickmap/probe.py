@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import types
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from .registry import LADDER, available_backends, get_backend
 from .serializers import get_serializer, main_references
@@ -27,8 +26,7 @@ from .serializers import get_serializer, main_references
 __all__ = ("Plan", "Verdict", "try_backend", "choose", "capable_backends")
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """Whether one backend can carry the call, and why in one line."""
 
     backend: str
@@ -39,15 +37,14 @@ class Verdict:
         return f"{self.backend}: {self.reason}"
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """What ``pmap`` would do: the chosen backend, why, and every verdict the probe made."""
 
     backend: str
     source: str  # "argument", "environment", "probe" or "nested"
     workers: int
     start_method: str | None
-    verdicts: tuple[Verdict, ...] = field(default=())
+    verdicts: tuple[Verdict, ...] = ()
 
     def verdict(self, backend: str) -> Verdict | None:
         return next((v for v in self.verdicts if v.backend == backend), None)

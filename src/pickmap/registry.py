@@ -15,8 +15,7 @@ import importlib
 import importlib.util
 import os
 import threading
-from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Union
 
 from .backends.base import Backend
 from .errors import BackendUnavailableError, UnknownBackendError
@@ -39,8 +38,7 @@ LADDER = ("stdlib", "cloudpickle", "dill", "thread")
 BackendFactory = Union[str, type[Backend], Callable[[], Backend]]
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     factory: BackendFactory  # "module:Class" (imported lazily), a class, or a callable
     install_hint: str = ""
     requires: tuple[str, ...] = ()
