@@ -124,9 +124,9 @@ def test_cached_verdict_skips_the_ladder():
     from pickmap.probe import choose
 
     closure = zoo.make_closure(2)
-    name, _, verdicts = choose(closure, [1])
+    name, _, _, verdicts = choose(closure, [1])
     assert name == "cloudpickle" and [v.backend for v in verdicts] == ["stdlib", "cloudpickle"]
-    name, _, verdicts = choose(closure, [1])
+    name, _, _, verdicts = choose(closure, [1])
     assert name == "cloudpickle" and [v.backend for v in verdicts] == ["cloudpickle"]
 
 
@@ -137,8 +137,8 @@ def test_cached_verdict_is_rechecked_when_the_object_changes():
 
     scaler = zoo.Scaler(2)
     assert choose(scaler.scale, [1])[0] == "stdlib"
-    scaler.lock = threading.Lock()  # now only dill can carry its __self__
-    assert choose(scaler.scale, [1])[0] == "dill"
+    scaler.lock = threading.Lock()  # a lock must stay shared: only threads can carry it
+    assert choose(scaler.scale, [1])[0] == "thread"
 
 
 def test_cache_does_not_keep_closures_alive():
@@ -170,3 +170,22 @@ def test_large_callable_travels_through_a_spill_file_once(method):
     with pytest.raises(ValueError):
         pmap(big.fail, range(20), backend="cloudpickle", workers=2, start_method=method)
     assert _spills() == before
+
+
+@pytest.mark.parametrize("run", range(6))
+def test_ordered_imap_never_waits_with_nothing_in_flight(run):
+    # Emitting finished chunks frees room under the read-ahead cap; the loop
+    # must dispatch again before it waits (this used to hang ~1 run in 6).
+    results = imap(zoo.square, itertools.count(), backend="stdlib", workers=2, start_method="fork")
+    assert list(itertools.islice(results, 3000))[-1] == 2999 * 2999
+    results.close()
+
+
+def test_keyboard_interrupt_is_never_collected_as_a_result():
+    with pytest.raises(KeyboardInterrupt):
+        pmap(zoo.interrupt_on, [1] * 3, range(3), backend="serial", return_exceptions=True)
+
+
+def test_serial_always_uses_one_worker(monkeypatch):
+    monkeypatch.setenv("PICKMAP_WORKERS", "3")
+    assert pickmap.explain(zoo.square, [1], backend="serial").workers == 1

@@ -33,7 +33,7 @@ ZOO = [
     ("closure", lambda: zoo.make_closure(5), "cloudpickle"),
     ("nested function", zoo.make_nested, "cloudpickle"),
     ("partial of a lambda", lambda: functools.partial(zoo.make_lambda(2)), "cloudpickle"),
-    ("closure holding a lock", zoo.make_lock_closure, "dill"),
+    ("closure holding a lock", zoo.make_lock_closure, "thread"),
     ("closure holding a generator", zoo.make_generator_holder, "thread"),
 ]
 
@@ -45,6 +45,12 @@ def test_probe_pick_and_result(label, factory, expected):
     assert plan.backend == expected, str(plan)
     assert plan.source == "probe"
     assert pmap(func, DATA) == list(map(func, DATA))
+
+
+def test_initializer_decides_too():
+    init = zoo.make_lambda(1)
+    assert explain(zoo.square, DATA).backend == "stdlib"
+    assert pmap(zoo.square, DATA, initializer=init, initargs=(1,)) == [1, 4, 9, 16]
 
 
 def test_items_decide_too_lambdas_as_items_need_cloudpickle():
@@ -61,6 +67,9 @@ def test_plan_lists_a_one_line_reason_per_backend():
     cloud = plan.verdict("cloudpickle")
     assert cloud is not None and "cannot pickle '_thread.lock' object" in cloud.reason
     assert "\n" not in cloud.reason
+    dill = plan.verdict("dill")
+    assert dill is not None and not dill.ok and "threading lock" in dill.reason
+    assert plan.backend == "thread"
     text = str(plan)
     assert "dill" in text and "->" in text
 

@@ -185,3 +185,9 @@ class NeedsContext(Exception):
 
 def raise_unpicklable_exception(x):
     raise NeedsContext(f"item {x}", context={"x": x})
+
+
+def interrupt_on(bad, x):
+    if x == bad:
+        raise KeyboardInterrupt
+    return x

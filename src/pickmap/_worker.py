@@ -154,7 +154,8 @@ def run_items(
         try:
             results.append(func(*item) if star else func(item))
         except BaseException as exc:  # noqa: BLE001
-            if not collect:
+            if not collect or isinstance(exc, KeyboardInterrupt):
+                # Ctrl-C (serial backend, in the caller's thread) is never a result.
                 return results, start + offset, exc
             exc.add_note(f"pickmap: raised on item {start + offset}")
             results.append(exc)

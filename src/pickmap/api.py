@@ -98,45 +98,34 @@ def _prepare(
     if sample:
         items = itertools.chain(sample, items)
 
+    setup = None if initializer is None else (initializer, tuple(initargs))
     if name is None:
-        name, payload, verdicts = choose(func, sample)
+        name, payload, init_payload, verdicts = choose(func, sample, setup)
     else:
-        verdict, payload = try_backend(name, func, sample)
+        verdict, payload, init_payload = try_backend(name, func, sample, setup=setup)
         if not verdict.ok and not explaining:
-            _raise_cannot_carry(name, source, verdict, func, sample)
+            _raise_cannot_carry(name, source, verdict, func, sample, setup)
         verdicts = (verdict,)
     if explaining:
-        verdicts = all_verdicts(func, sample)
+        verdicts = all_verdicts(func, sample, setup)
         if name not in LADDER:
-            verdicts += (try_backend(name, func, sample)[0],)
+            verdicts += (try_backend(name, func, sample, setup=setup)[0],)
 
     chosen = get_backend(name)
     size = resolve_workers(workers, chosen.default_workers())
+    if chosen.max_workers is not None:
+        size = min(size, chosen.max_workers)
     plan = Plan(name, source, size, method if chosen.isolated else None, tuple(verdicts))
     if not sample:
         return _Prepared(plan, None, None, idle_timeout)
 
-    init_payload = None
-    if initializer is not None:
-        init_reason, init_payload = _serialize_initializer(name, initializer, tuple(initargs))
-        if init_reason is not None:
-            raise SerializationError(
-                f"the initializer cannot travel with the {name!r} backend: {init_reason}",
-                backend=name,
-                what="initializer",
-            )
     call = Call(func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout)
     chunker = Chunker(items, input_length(iterables), size, chunksize, func)
     return _Prepared(plan, call, chunker, idle_timeout)
 
 
-def _serialize_initializer(name: str, initializer: Any, initargs: tuple[Any, ...]) -> tuple[str | None, Any]:
-    verdict, payload = try_backend(name, (initializer, initargs), [])
-    return (None, payload) if verdict.ok else (verdict.reason, None)
-
-
-def _raise_cannot_carry(name: str, source: str, verdict: Verdict, func: Any, sample: list[Any]) -> None:
-    capable = [v.backend for v in all_verdicts(func, sample) if v.ok and v.backend != name]
+def _raise_cannot_carry(name: str, source: str, verdict: Verdict, func: Any, sample: list[Any], setup: Any) -> None:
+    capable = [v.backend for v in all_verdicts(func, sample, setup) if v.ok and v.backend != name]
     where = {"argument": "backend=", "environment": "PICKMAP_BACKEND"}.get(source, source)
     raise SerializationError(
         f"backend {name!r} (forced by {where}) cannot carry this call: {verdict.reason}. "

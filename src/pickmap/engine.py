@@ -156,6 +156,7 @@ class _Run:
         self.next_emit = 0
         self.source_done = False
         self.failed_seq: int | None = None  # ordered streaming: first chunk that raised
+        self.failure: BaseException | None = None  # to raise once this round's results are out
 
     # ------------------------------------------------------------------ main loop
     def results(self) -> Iterator[list[Any]]:
@@ -163,7 +164,7 @@ class _Run:
         try:
             while True:
                 self._dispatch()
-                if self.ordered:
+                if self.ordered and self.next_emit in self.finished:
                     while self.next_emit in self.finished:
                         results, error = self.finished.pop(self.next_emit)
                         self.next_emit += 1
@@ -171,12 +172,16 @@ class _Run:
                             yield results
                         if error is not None:
                             raise error
+                    continue  # emitting made room under the cap: dispatch before waiting
                 if not self.inflight and not self.requeued and not self.finished and (
                     self.source_done or self.failed_seq is not None
                 ):
                     return
                 for results in self._wait():
                     yield results
+                if self.failure is not None:
+                    # Raised after the results that arrived with it were handed over.
+                    raise self.failure
         except (KeyboardInterrupt, WorkerCrashedError):
             interrupted = True
             raise
@@ -186,7 +191,7 @@ class _Run:
 
     # ------------------------------------------------------------------ dispatching
     def _dispatch(self) -> None:
-        while len(self.inflight) < self.limit and (
+        while self.failure is None and len(self.inflight) < self.limit and (
             self.cap is None or len(self.inflight) + len(self.finished) < self.cap
         ):
             if self.requeued:
@@ -278,7 +283,7 @@ class _Run:
                 out.append(results)
 
     def _wait_timeout(self, slots: list[Slot]) -> float | None:
-        timeouts = []
+        timeouts = [] if self.inflight else [0.05]  # only dead slots to reap: look again soon
         if any(slot.worker.sentinel is None and slot.queued for slot in slots):
             timeouts.append(_THREAD_POLL)
         if self.call.timed:
@@ -292,6 +297,11 @@ class _Run:
         return max(0.001, min(timeouts)) if timeouts else None
 
     # ------------------------------------------------------------------ replies
+    def _fail(self, error: BaseException) -> None:
+        """Record the call's first failure; ``results`` raises it after this round's results."""
+        if self.failure is None:
+            self.failure = error
+
     def _on_message(self, slot: Slot, header: tuple, payloads: Any) -> list[Any] | None:
         kind = header[0]
         if kind == BYE:
@@ -303,7 +313,8 @@ class _Run:
             slot.queued.clear()
             return None
         if kind == SETUP_FAILED:
-            raise self._setup_error(header, payloads)
+            self._fail(self._setup_error(header, payloads))
+            return None
         chunk = slot.queued.popleft()
         del self.inflight[chunk.seq]
         serializer = self.call.serializer
@@ -317,21 +328,23 @@ class _Run:
         if kind == ERROR:
             error = self._worker_exception(header, payloads)
             if self.eager_errors:
-                raise error
+                self._fail(error)
+                return None
             partial = serializer.loads(payloads[1]) if payloads[1] is not None else []
             self.finished[chunk.seq] = (partial, error)
             self.failed_seq = chunk.seq if self.failed_seq is None else min(self.failed_seq, chunk.seq)
             return None
         if kind == UNSENDABLE:
             _, _, index, type_name, reason = header
-            raise SerializationError(
+            self._fail(SerializationError(
                 f"the result of item {index} (a {type_name}) cannot be sent back by the "
                 f"{self.call.backend.name!r} backend: {reason}. Return a plain value instead, "
                 f"or use backend='thread', which keeps results in memory",
                 backend=self.call.backend.name,
                 what=type_name,
                 index=index,
-            )
+            ))
+            return None
         raise RuntimeError(f"pickmap: unexpected reply {kind!r} from a worker")  # pragma: no cover
 
     def _worker_exception(self, header: tuple, payloads: Any) -> BaseException:
@@ -410,13 +423,13 @@ class _Run:
         pid = slot.worker.pid
         self.pool.remove(slot, kill=True)
         self.pool.broken = True
-        raise WorkerCrashedError(
+        self._fail(WorkerCrashedError(
             f"a {self.call.backend.name!r} worker (pid {pid}) died with {_describe_exit(code)} while "
             f"running {where} of {self.call.label}; the pool was discarded and the next call starts "
             f"fresh workers",
             exitcode=code,
             indices=indices,
-        )
+        ))
 
     def _check_timeouts(self) -> None:
         if not self.call.timed:
@@ -436,12 +449,13 @@ class _Run:
             else:
                 action = "its thread cannot be killed: it was abandoned and the pool retired"
                 self.pool.broken = True
-            raise TaskTimeoutError(
+            self._fail(TaskTimeoutError(
                 f"item {index} of {self.call.label} ran longer than timeout={timeout:g}s on the "
                 f"{backend.name!r} backend; {action}",
                 index=index,
                 timeout=timeout,
-            )
+            ))
+            return
 
 
 def execute(

@@ -5,7 +5,9 @@ dill, thread) the probe makes a real round trip — ``dumps`` then ``loads`` —
 of the callable and of a sample of the items, then checks the by-reference
 trap (``serializers.main_references``): a pickle that names a ``__main__``
 object loads here but not in a spawn/forkserver worker, nor in a warm worker
-forked before the object was defined. The first backend that passes wins.
+forked before the object was defined. A pickle that would copy a threading
+lock into a worker (dill can) is refused too: the copy guards nothing shared,
+so objects holding locks go to threads. The first backend that passes wins.
 
 Cost: the winning trial's bytes are the bytes shipped to workers, so a 50 MB
 callable is serialized once per call. Verdicts are cached per callable (weakly,
@@ -21,7 +23,7 @@ import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
 from .registry import LADDER, available_backends, get_backend
-from .serializers import get_serializer, main_references
+from .serializers import copies_locks, get_serializer, main_references
 
 __all__ = ("Plan", "Verdict", "try_backend", "choose", "capable_backends")
 
@@ -75,6 +77,12 @@ def _round_trip(serializer_name: str, obj: Any, what: str, *, load: bool = True)
             serializer.trial_loads(data)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot carry"
         return f"{what}: {_first_line(exc)}", None
+    if copies_locks(data):
+        return (
+            f"{what} holds a threading lock; a copy in a worker process would no longer "
+            f"lock anything shared with this process (threads share it)",
+            None,
+        )
     refs = main_references(data)
     if refs:
         return (
@@ -86,11 +94,15 @@ def _round_trip(serializer_name: str, obj: Any, what: str, *, load: bool = True)
 
 
 def try_backend(
-    name: str, func: Callable[..., Any], sample: Sequence[Any], *, load: bool = True
-) -> tuple[Verdict, Any]:
-    """One backend's verdict, and the callable's bytes when it passes."""
+    name: str, func: Callable[..., Any], sample: Sequence[Any], *, setup: Any = None, load: bool = True
+) -> tuple[Verdict, Any, Any]:
+    """One backend's verdict, with the callable's and the ``setup`` (initializer,
+    initargs) pickle parts when it passes."""
     serializer_name = get_backend(name).serializer
     reason, payload = _round_trip(serializer_name, func, "callable", load=load)
+    init_payload = None
+    if reason is None and setup is not None:
+        reason, init_payload = _round_trip(serializer_name, setup, "initializer", load=load)
     if reason is None:
         for item in sample:
             item_reason, _ = _round_trip(serializer_name, item, "item")
@@ -98,10 +110,10 @@ def try_backend(
                 reason = item_reason
                 break
     if reason is not None:
-        return Verdict(name, False, reason), None
+        return Verdict(name, False, reason), None, None
     if not get_serializer(serializer_name).by_value:
-        return Verdict(name, True, "shares memory with the caller: nothing is serialized"), payload
-    return Verdict(name, True, f"round trip ok ({sum(map(len, payload)):,} bytes)"), payload
+        return Verdict(name, True, "shares memory with the caller: nothing is serialized"), payload, init_payload
+    return Verdict(name, True, f"round trip ok ({sum(map(len, payload)):,} bytes)"), payload, init_payload
 
 
 # --------------------------------------------------------------------------- verdict cache
@@ -134,31 +146,33 @@ def _remember(func: Any, sample: Sequence[Any], backend: str) -> None:
         pass
 
 
-def choose(func: Callable[..., Any], sample: Sequence[Any]) -> tuple[str, Any, tuple[Verdict, ...]]:
-    """Walk the ladder: ``(backend name, callable payload, verdicts so far)``."""
+def choose(
+    func: Callable[..., Any], sample: Sequence[Any], setup: Any = None
+) -> tuple[str, Any, Any, tuple[Verdict, ...]]:
+    """Walk the ladder: ``(backend, callable parts, setup parts, verdicts so far)``."""
     installed = available_backends()
     cached = _cached(func, sample)
     if cached is not None:
         # Trusted: only the dumps the call needs anyway, no second loads.
-        verdict, payload = try_backend(cached, func, sample, load=False)
+        verdict, payload, init_payload = try_backend(cached, func, sample, setup=setup, load=False)
         if verdict.ok:
-            return cached, payload, (verdict,)
+            return cached, payload, init_payload, (verdict,)
     verdicts = []
     for name in LADDER:
         if name not in installed:
             continue
-        verdict, payload = try_backend(name, func, sample)
+        verdict, payload, init_payload = try_backend(name, func, sample, setup=setup)
         verdicts.append(verdict)
         if verdict.ok:
             _remember(func, sample, name)
-            return name, payload, tuple(verdicts)
+            return name, payload, init_payload, tuple(verdicts)
     raise AssertionError("the thread backend carries everything")  # pragma: no cover
 
 
-def all_verdicts(func: Callable[..., Any], sample: Sequence[Any]) -> tuple[Verdict, ...]:
+def all_verdicts(func: Callable[..., Any], sample: Sequence[Any], setup: Any = None) -> tuple[Verdict, ...]:
     """Every installed ladder backend's verdict (for ``explain`` and error messages)."""
     installed = available_backends()
-    return tuple(try_backend(name, func, sample)[0] for name in LADDER if name in installed)
+    return tuple(try_backend(name, func, sample, setup=setup)[0] for name in LADDER if name in installed)
 
 
 def capable_backends(func: Callable[..., Any], sample: Sequence[Any]) -> list[str]:

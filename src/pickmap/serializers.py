@@ -16,6 +16,8 @@ the process boundary at worker start.
 :func:`main_references` finds the by-reference trap: a pickle that names a
 ``__main__`` object (``GLOBAL '__main__ f'``) loads in this process but not in
 a spawn/forkserver worker, nor in a fork worker started before ``f`` existed.
+:func:`copies_locks` finds a pickle that would rebuild a threading lock in the
+worker: it loads, but the copy no longer guards anything shared.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import pickletools
 import types
 from typing import Any, Callable, ClassVar
 
-__all__ = ("Serializer", "get_serializer", "main_references")
+__all__ = ("Serializer", "get_serializer", "main_references", "copies_locks")
 
 _MAIN_MODULES = ("__main__", "__mp_main__")
 
@@ -250,15 +252,9 @@ _STRING_OPS = frozenset(
 )
 
 
-def main_references(parts: list[bytes]) -> list[str]:
-    """Names of ``__main__`` objects that the pickle in ``parts`` refers to by reference.
-
-    Cheap when there are none: the opcode walk only runs when the bytes
-    mention ``__main__`` at all.
-    """
-    if not any(m.encode() in part for part in parts for m in _MAIN_MODULES):
-        return []
-    found: list[str] = []
+def _globals_in(parts: list[bytes]) -> list[tuple[str, str]]:
+    """Every ``(module, name)`` the pickle imports by name (GLOBAL / STACK_GLOBAL)."""
+    found: list[tuple[str, str]] = []
     memo: dict[int, Any] = {}
     pushed: list[Any] = []  # recent pushes, strings kept, anything else as None
     for opcode, arg, _pos in pickletools.genops(b"".join(parts)):
@@ -273,13 +269,11 @@ def main_references(parts: list[bytes]) -> list[str]:
             pushed.append(memo.get(int(arg)))
         elif op == "GLOBAL":
             module, _, name = str(arg).partition(" ")
-            if module in _MAIN_MODULES:
-                found.append(name)
+            found.append((module, name))
             pushed.append(None)
         elif op == "STACK_GLOBAL":
-            module, name = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
-            if module in _MAIN_MODULES:
-                found.append(str(name))
+            if len(pushed) >= 2 and isinstance(pushed[-2], str):
+                found.append((pushed[-2], str(pushed[-1])))
             pushed.append(None)
         elif opcode.stack_after:
             pushed.append(None)
@@ -287,3 +281,27 @@ def main_references(parts: list[bytes]) -> list[str]:
             del pushed[:-8]
     return found
 
+
+def main_references(parts: list[bytes]) -> list[str]:
+    """Names of ``__main__`` objects that the pickle in ``parts`` refers to by reference.
+
+    Cheap when there are none: the opcode walk only runs when the bytes
+    mention ``__main__`` at all.
+    """
+    if not any(m.encode() in part for part in parts for m in _MAIN_MODULES):
+        return []
+    return [name for module, name in _globals_in(parts) if module in _MAIN_MODULES]
+
+
+_LOCK_BUILDERS = ("_create_lock", "_create_rlock")
+
+
+def copies_locks(parts: list[bytes]) -> bool:
+    """True when loading the pickle would build a fresh threading lock (dill does).
+
+    A lock copied into another process no longer excludes anything shared
+    with this one — and a copy of a held lock is held forever there.
+    """
+    if not any(builder.encode() in part for part in parts for builder in _LOCK_BUILDERS):
+        return False
+    return any(name in _LOCK_BUILDERS for _, name in _globals_in(parts))

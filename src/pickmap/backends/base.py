@@ -72,6 +72,8 @@ class Backend(abc.ABC):
     enforces_timeout: ClassVar[bool] = True
     #: A stuck worker can be killed; otherwise it is abandoned and the pool retired.
     killable: ClassVar[bool] = True
+    #: Most workers this backend can use (``serial``: one, the caller's thread).
+    max_workers: ClassVar[int | None] = None
     #: Keep idle workers for the next call (threads are cheap to start, and idle
     #: threads would make the process multi-threaded, ruling out fork).
     keep_warm: ClassVar[bool] = True

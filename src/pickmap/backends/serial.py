@@ -43,9 +43,7 @@ class SerialBackend(Backend):
     enforces_timeout = False
     killable = False
     max_queued = 1
-
-    def default_workers(self) -> int:
-        return 1
+    max_workers = 1
 
     def start_worker(self, start_method: str | None, idle_timeout: float) -> Worker:
         return InlineWorker()

@@ -15,6 +15,7 @@ import collections
 import os
 import queue
 import threading
+import time
 from typing import Any, Sequence
 
 from .._worker import CHUNK, STOP, Message, WorkerState, serve
@@ -75,6 +76,12 @@ class ThreadWorker(Worker):
         self._inbox.put([((STOP,), ())])
         self._thread.join(grace)
         self._abandoned = True
+        # join() returns before the kernel has reaped the thread; the next
+        # call counts threads to decide whether fork is safe, so wait for it.
+        task = f"/proc/self/task/{self._thread.native_id}"
+        deadline = time.monotonic() + 0.1
+        while not self._thread.is_alive() and os.path.exists(task) and time.monotonic() < deadline:
+            time.sleep(0.0005)
 
 
 class ThreadBackend(Backend):
