@@ -132,3 +132,20 @@ def test_interpreter_exits_promptly_with_warm_pools():
     code = "import pickmap\nprint(pickmap.pmap(abs, range(-3, 0)))\n"
     out = run_python(["-c", code], {"PICKMAP_START_METHOD": "spawn"})
     assert out.strip() == "[3, 2, 1]"
+
+
+@pytest.mark.parametrize("method", [m for m in START_METHODS if m != "fork"])
+def test_worker_that_dies_while_starting_is_reported_not_hung(method, tmp_path):
+    # A spawn/forkserver worker imports the main module; here that import fails.
+    script = tmp_path / "fragile.py"
+    script.write_text(
+        "import pickmap\n"
+        "if __name__ != '__main__':\n    raise RuntimeError('this script cannot be imported')\n"
+        "def f(x):\n    return x\n"
+        "if __name__ == '__main__':\n    print(pickmap.pmap(f, range(4)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
+    env.update(PYTHONPATH=SRC, PICKMAP_START_METHOD=method)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env)
+    assert done.returncode != 0
+    assert "WorkerCrashedError" in done.stderr and "while starting" in done.stderr, done.stderr[-2000:]

@@ -28,6 +28,9 @@ one ``pmap`` call on a process backend::
                                                                    items could not load/run
                                     BYE                            idle too long: exits
                                                                    without reading more
+                                    READY                          sent once at start-up, so
+                                                                   a death before it is told
+                                                                   apart from a crash
     engine also waits on the process sentinel (death), and reads the shared
     progress slot [item index, start time] to enforce ``timeout=`` per item.
 
@@ -59,7 +62,7 @@ from .serializers import Serializer, get_serializer
 # Message kinds, caller -> worker.
 SETUP, CHUNK, STOP = 1, 2, 3
 # Message kinds, worker -> caller.
-RESULT, ERROR, UNSENDABLE, SETUP_FAILED, BYE = 11, 12, 13, 14, 15
+RESULT, ERROR, UNSENDABLE, SETUP_FAILED, BYE, READY = 11, 12, 13, 14, 15, 16
 
 Header = tuple
 Message = tuple[Header, Sequence[Any]]
@@ -307,6 +310,7 @@ def process_main(conn: Any, serializer_name: str, progress: Any, idle_timeout: f
         return recv_messages(conn)
 
     try:
+        send_messages(conn, [((READY,), ())])
         serve(recv, lambda replies: send_messages(conn, replies), state)
     except (EOFError, OSError, SystemExit):
         pass  # the caller went away or we said BYE; Process._bootstrap flushes and exits

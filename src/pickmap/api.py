@@ -119,7 +119,10 @@ def _prepare(
     if not sample:
         return _Prepared(plan, None, None, idle_timeout)
 
-    call = Call(func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout)
+    call = Call(
+        func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout,
+        forced=source in ("argument", "environment"),
+    )  # fmt: skip
     chunker = Chunker(items, input_length(iterables), size, chunksize, func)
     return _Prepared(plan, call, chunker, idle_timeout)
 

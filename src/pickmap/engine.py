@@ -30,7 +30,7 @@ import time
 from multiprocessing.connection import wait as wait_for
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
-from ._worker import BYE, CHUNK, ERROR, RESULT, SETUP, SETUP_FAILED, UNSENDABLE, Spill
+from ._worker import BYE, CHUNK, ERROR, READY, RESULT, SETUP, SETUP_FAILED, UNSENDABLE, Spill
 from .backends.base import Backend
 from .chunking import Chunker
 from .errors import RemoteTraceback, SerializationError, TaskTimeoutError, WorkerCrashedError, WorkerError
@@ -78,8 +78,10 @@ class Call:
         star: bool = False,
         collect: bool = False,
         timeout: float | None = None,
+        forced: bool = False,
     ) -> None:
         self.func = func
+        self.forced = forced  # the backend was named by the caller, not chosen by the probe
         self.backend = backend
         self.star = star
         self.collect = collect
@@ -304,6 +306,9 @@ class _Run:
 
     def _on_message(self, slot: Slot, header: tuple, payloads: Any) -> list[Any] | None:
         kind = header[0]
+        if kind == READY:
+            slot.ready = True
+            return None
         if kind == BYE:
             slot.said_bye = True
             # It stopped reading before these arrived: none of them ran.
@@ -378,9 +383,11 @@ class _Run:
             return self._rebuild("the initializer", None, exc_repr, remote_tb, payloads[0])
         backend = self.call.backend.name
         what = self.call.label if stage == "callable" else stage
+        advice = "define what it needs at module level of an importable module"
+        if self.call.forced:
+            advice += ", or let pickmap choose the backend (backend='auto')"
         error = SerializationError(
-            f"a {backend!r} worker could not load {what}: {exc_repr}. Define what it needs at module "
-            f"level of an importable module, or let pickmap choose the backend (backend='auto')",
+            f"a {backend!r} worker could not load {what}: {exc_repr}; {advice}",
             backend=backend,
             what=what,
         )
@@ -412,6 +419,19 @@ class _Run:
         if slot.said_bye or not slot.queued:
             self.pool.remove(slot, kill=True)
             return
+        pid = slot.worker.pid
+        if not slot.ready:
+            self.pool.remove(slot, kill=True)
+            self.pool.broken = True
+            self._fail(WorkerCrashedError(
+                f"a {self.call.backend.name!r} worker (pid {pid}) exited with {_describe_exit(code)} while "
+                f"starting, before it ran anything. Under spawn/forkserver a worker imports your main "
+                f"module: put the script's entry point under `if __name__ == \"__main__\":` (its output "
+                f"above shows the error)",
+                exitcode=code,
+                indices=[],
+            ))
+            return
         head = slot.queued[0]
         progress = slot.worker.progress
         if self.call.timed and progress is not None and progress[1] > 0:
@@ -420,7 +440,6 @@ class _Run:
         else:
             where = _describe_indices(head.start, head.count)
             indices = list(range(head.start, head.start + head.count))
-        pid = slot.worker.pid
         self.pool.remove(slot, kill=True)
         self.pool.broken = True
         self._fail(WorkerCrashedError(

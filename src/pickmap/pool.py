@@ -36,7 +36,7 @@ _GRACE = 2.0  # seconds a stopping worker gets before it is killed
 class Slot:
     """A worker plus the engine's bookkeeping about it."""
 
-    __slots__ = ("worker", "queued", "call_id", "tainted", "said_bye", "eof")
+    __slots__ = ("worker", "queued", "call_id", "tainted", "said_bye", "eof", "ready")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -45,6 +45,7 @@ class Slot:
         self.tainted = False  # ran an initializer
         self.said_bye = False  # exited after its idle timeout
         self.eof = False  # its channel closed: dead or dying
+        self.ready = False  # a process worker said READY: it started
 
     @property
     def usable(self) -> bool:

@@ -53,10 +53,14 @@ class Plan(NamedTuple):
 
     def __str__(self) -> str:
         method = f", start method {self.start_method}" if self.start_method else ""
-        lines = [f"backend: {self.backend} (from {self.source}; {self.workers} workers{method})"]
+        workers = f"{self.workers} worker{'s' if self.workers != 1 else ''}"
+        lines = [f"backend: {self.backend} (from {self.source}; {workers}{method})"]
+        chosen = self.verdict(self.backend)
+        if chosen is not None and not chosen.ok:
+            lines.append(f"  pmap would raise SerializationError: {self.backend} cannot carry this call")
         width = max((len(v.backend) for v in self.verdicts), default=0)
         for v in self.verdicts:
-            mark = "->" if v.backend == self.backend else ("ok" if v.ok else "no")
+            mark = ("->" if v.ok else "!>") if v.backend == self.backend else ("ok" if v.ok else "no")
             lines.append(f"  {mark:2} {v.backend:<{width}}  {v.reason}")
         return "\n".join(lines)
 

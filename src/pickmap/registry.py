@@ -98,7 +98,9 @@ def register_backend(name: str, factory: BackendFactory, *, clobber: bool = Fals
         if not clobber and (name in _REGISTRY or name in _ALIASES):
             raise ValueError(f"a backend named {name!r} is already registered; pass clobber=True to replace it")
         _ALIASES.pop(name, None)
-        _REGISTRY[name] = _Entry(factory, install_hint)
+        # A lazily imported factory needs its top-level package installed.
+        requires = (factory.partition(":")[0].split(".")[0],) if isinstance(factory, str) else ()
+        _REGISTRY[name] = _Entry(factory, install_hint, requires)
         _INSTANCES.pop(name, None)
 
 
@@ -118,10 +120,16 @@ def get_backend(name: str) -> Backend:
         factory = entry.factory
         if isinstance(factory, str):
             module_name, _, attr = factory.partition(":")
-            factory = getattr(importlib.import_module(module_name), attr)
+            try:
+                factory = getattr(importlib.import_module(module_name), attr)
+            except ModuleNotFoundError as exc:
+                missing = exc.name or module_name
+                raise BackendUnavailableError(name, missing, entry.install_hint or f"pip install {missing}") from exc
         backend = factory()
         if not isinstance(backend, Backend):
             raise TypeError(f"the factory registered for {name!r} returned {backend!r}, not a pickmap Backend")
+        if backend.name != name:
+            backend.name = name  # type: ignore[misc] # pools and messages use the registered name
         _INSTANCES[name] = backend
         return backend
 
