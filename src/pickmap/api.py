@@ -213,8 +213,10 @@ def imap(
     """Like :func:`pmap`, but lazy: results stream as they complete.
 
     ``ordered=True`` yields in input order; ``ordered=False`` in completion
-    order. The input is read only as fast as results are consumed (a bounded
-    number of chunks is in flight), so endless generators work. Arguments are
+    order. The input is read lazily, a chunk at a time: at most ``4 * workers``
+    chunks are read but not yet consumed (for an input without ``len()``,
+    chunks grow adaptively up to 16,384 items), so memory does not grow with
+    the input's length and endless generators work. Arguments are
     checked, and the backend chosen, when ``imap`` is called; work starts on
     the first ``next()``. Closing the iterator early cancels what is running.
     """
