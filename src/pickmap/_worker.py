@@ -23,7 +23,7 @@ one ``pmap`` call on a process backend::
                                     UNSENDABLE(seq, index, type, reason)
                                                                    a result that cannot
                                                                    be serialized
-                                    SETUP_FAILED(call, stage, repr, traceback) + exception
+                                    SETUP_FAILED(call, stage, index, repr, traceback) + exception
                                                                    callable, initializer or
                                                                    items could not load/run
                                     BYE                            idle too long: exits
@@ -167,9 +167,19 @@ def run_items(
     return results, None, None
 
 
+def _safe_text(render: Callable[[], str], exc: BaseException) -> str:
+    try:
+        return render()
+    except BaseException as failure:  # noqa: BLE001 - a broken __repr__ must not kill the worker
+        return f"<{type(exc).__qualname__}: rendering it raised {type(failure).__name__}>"
+
+
 def describe_exception(exc: BaseException) -> tuple[str, str]:
     """``(repr, formatted traceback)`` — what survives even if the exception cannot."""
-    return repr(exc), "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return (
+        _safe_text(lambda: repr(exc), exc),
+        _safe_text(lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), exc),
+    )
 
 
 class WorkerState:
@@ -190,10 +200,21 @@ class WorkerState:
             return self._chunk(header, payloads)
         raise ValueError(f"unknown message kind {kind!r}")
 
+    def _clock(self, index: float) -> None:
+        """With ``timeout=``: the task at ``index`` starts now (-1: loading the callable; -2: idle).
+
+        Loading items and dumping results count as part of their task, so a
+        slow ``__reduce__`` is caught by the timeout too.
+        """
+        if self.timed and self.progress is not None:
+            self.progress[1] = 0.0 if index == -2 else time.monotonic()
+            self.progress[0] = index
+
     def _setup(self, header: Header, payloads: Sequence[Any]) -> list[Message]:
         _, self.call_id, self.star, self.collect, self.timed = header
         self.func = None  # drop the previous call's callable before anything else
         stage = "callable"
+        self._clock(-1)
         try:
             func = load_payload(self.serializer, payloads[0])
             if len(payloads) > 1:
@@ -201,38 +222,47 @@ class WorkerState:
                 initializer, initargs = load_payload(self.serializer, payloads[1])
                 initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001
-            return [self._failure(stage, exc)]
+            return [self._failure(stage, None, exc)]
+        finally:
+            self._clock(-2)
         self.func = func
         return []
 
-    def _failure(self, stage: str, exc: BaseException) -> Message:
-        return (SETUP_FAILED, self.call_id, stage, *describe_exception(exc)), (self._dump_or_none(exc),)
+    def _failure(self, stage: str, index: int | None, exc: BaseException) -> Message:
+        header = (SETUP_FAILED, self.call_id, stage, index, *describe_exception(exc))
+        return header, (self._dump_or_none(exc),)
 
     def _chunk(self, header: Header, payloads: Sequence[Any]) -> list[Message]:
         _, call_id, seq, start = header
         if call_id != self.call_id or self.func is None:
             return []  # setup failed and was reported; the caller is already raising
         try:
-            items = self.serializer.loads(payloads[0])
-        except BaseException as exc:  # noqa: BLE001
-            return [self._failure(f"items from index {start}", exc)]
-        began = time.perf_counter()
-        progress = self.progress if self.timed else None
-        results, failed_at, exc = run_items(
-            self.func, items, start, star=self.star, collect=self.collect, progress=progress
-        )
-        elapsed = time.perf_counter() - began
-        if exc is not None:
-            header = (ERROR, seq, failed_at, *describe_exception(exc))
-            return [(header, (self._dump_or_none(exc), self._dump_or_none(results)))]
-        if self.collect:
-            results = [self._sendable_exception(r) if isinstance(r, BaseException) else r for r in results]
-        try:
-            blob = self.serializer.dumps(results)
-        except BaseException as exc:  # noqa: BLE001
-            index, bad = self._first_unsendable(results, start)
-            return [((UNSENDABLE, seq, index, type(bad).__qualname__, f"{type(exc).__name__}: {exc}"), ())]
-        return [((RESULT, seq, elapsed), (blob,))]
+            self._clock(start)
+            try:
+                items = self.serializer.loads(payloads[0])
+            except BaseException as exc:  # noqa: BLE001
+                return [self._failure("items", start, exc)]
+            began = time.perf_counter()
+            progress = self.progress if self.timed else None
+            results, failed_at, exc = run_items(
+                self.func, items, start, star=self.star, collect=self.collect, progress=progress
+            )
+            elapsed = time.perf_counter() - began
+            if exc is not None:
+                header = (ERROR, seq, failed_at, *describe_exception(exc))
+                return [(header, (self._dump_or_none(exc), self._dump_or_none(results)))]
+            if self.collect:
+                results = [self._sendable_exception(r) if isinstance(r, BaseException) else r for r in results]
+            self._clock(start + max(len(results) - 1, 0))
+            try:
+                blob = self.serializer.dumps(results)
+            except BaseException as exc:  # noqa: BLE001
+                index, bad = self._first_unsendable(results, start)
+                reason = f"{type(exc).__name__}: {_safe_text(lambda: str(exc), exc)}"
+                return [((UNSENDABLE, seq, index, type(bad).__qualname__, reason), ())]
+            return [((RESULT, seq, elapsed), (blob,))]
+        finally:
+            self._clock(-2)
 
     def _dump_or_none(self, obj: Any) -> Any:
         try:

@@ -324,7 +324,11 @@ class _Run:
         del self.inflight[chunk.seq]
         serializer = self.call.serializer
         if kind == RESULT:
-            results = serializer.loads(payloads[0])
+            try:
+                results = serializer.loads(payloads[0])
+            except Exception as exc:  # noqa: BLE001 - e.g. a result whose __reduce__ fails on load
+                self._fail(self._unloadable_results(chunk, exc))
+                return None
             self.chunker.observe(chunk.count, header[2])
             if self.ordered:
                 self.finished[chunk.seq] = (results, None)
@@ -378,11 +382,11 @@ class _Run:
         return exc
 
     def _setup_error(self, header: tuple, payloads: Any) -> BaseException:
-        _, _, stage, exc_repr, remote_tb = header
+        _, _, stage, index, exc_repr, remote_tb = header
         if stage == "initializer":
             return self._rebuild("the initializer", None, exc_repr, remote_tb, payloads[0])
         backend = self.call.backend.name
-        what = self.call.label if stage == "callable" else stage
+        what = self.call.label if stage == "callable" else f"the chunk of items starting at index {index}"
         advice = "define what it needs at module level of an importable module"
         if self.call.forced:
             advice += ", or let pickmap choose the backend (backend='auto')"
@@ -390,8 +394,22 @@ class _Run:
             f"a {backend!r} worker could not load {what}: {exc_repr}; {advice}",
             backend=backend,
             what=what,
+            index=index,
         )
         error.__cause__ = RemoteTraceback(remote_tb)
+        return error
+
+    def _unloadable_results(self, chunk: _Chunk, exc: Exception) -> SerializationError:
+        backend = self.call.backend.name
+        where = _describe_indices(chunk.start, chunk.count)
+        error = SerializationError(
+            f"the results of {where} were sent back by the {backend!r} worker but cannot be loaded "
+            f"here: {type(exc).__name__}: {exc}. Return plain values, or use backend='thread', "
+            f"which keeps results in memory",
+            backend=backend,
+            index=chunk.start,
+        )
+        error.__cause__ = exc
         return error
 
     def _unsendable_item(self, start: int, items: list[Any]) -> SerializationError:
@@ -461,6 +479,7 @@ class _Run:
             if not slot.queued or started <= 0 or now - started <= timeout:
                 continue
             index = int(slot.worker.progress[0])
+            what = f"item {index}" if index >= 0 else "loading the callable"
             backend = self.call.backend
             if backend.killable:
                 action = f"its worker (pid {slot.worker.pid}) was killed and will be replaced"
@@ -469,7 +488,7 @@ class _Run:
                 action = "its thread cannot be killed: it was abandoned and the pool retired"
                 self.pool.broken = True
             self._fail(TaskTimeoutError(
-                f"item {index} of {self.call.label} ran longer than timeout={timeout:g}s on the "
+                f"{what} of {self.call.label} ran longer than timeout={timeout:g}s on the "
                 f"{backend.name!r} backend; {action}",
                 index=index,
                 timeout=timeout,
