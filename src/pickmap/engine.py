@@ -387,9 +387,12 @@ class _Run:
             return self._rebuild("the initializer", None, exc_repr, remote_tb, payloads[0])
         backend = self.call.backend.name
         what = self.call.label if stage == "callable" else f"the chunk of items starting at index {index}"
-        advice = "define what it needs at module level of an importable module"
-        if self.call.forced:
-            advice += ", or let pickmap choose the backend (backend='auto')"
+        if stage == "callable":
+            advice = "define what it needs at module level of an importable module"
+            if self.call.forced:
+                advice += ", or let pickmap choose the backend (backend='auto')"
+        else:
+            advice = "an item's own unpickling (its __reduce__ or __setstate__) raised in the worker"
         error = SerializationError(
             f"a {backend!r} worker could not load {what}: {exc_repr}; {advice}",
             backend=backend,

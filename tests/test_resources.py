@@ -1,0 +1,295 @@
+"""No leaks: many calls, and many faults, leave the count of file descriptors,
+child processes, threads and spill files flat.
+
+Processes are counted as *descendants* of the test process (scanning
+``/proc/*/stat`` for parent pids), because forkserver workers are children of
+the fork server, not of the caller; zombies count too, so a worker that is
+never reaped shows up as a leak. Baselines are taken after a warm-up call, so
+what a start method sets up once (the fork server, the resource tracker, the
+shared-memory arena) is in both counts.
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+import pytest
+
+import pickmap
+from pickmap import SerializationError, TaskTimeoutError, WorkerCrashedError, WorkerError, imap, pmap
+from pickmap import pool as pools
+
+import faults
+from conftest import START_METHODS
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+SRC_DIR = os.path.join(os.path.dirname(TESTS_DIR), "src")
+SPILL_DIRS = sorted({"/dev/shm", tempfile.gettempdir()})
+
+
+def kw(backend: str, method: str | None, **extra: object) -> dict[str, object]:
+    return {"backend": backend, "start_method": method, "workers": 2, **extra}
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def snapshot() -> tuple[int, list[int]]:
+    gc.collect()  # worker handles in reference cycles close their pipes when collected
+    return faults.open_fds(), faults.descendant_pids(os.getpid())
+
+
+def settled(baseline: tuple[int, list[int]], seconds: float = 5.0) -> tuple[int, list[int]]:
+    """The current snapshot, once it equals ``baseline`` or ``seconds`` have passed
+    (a killed process may take a moment to be reaped by the fork server)."""
+    deadline = time.monotonic() + seconds
+    now = snapshot()
+    while now != baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = snapshot()
+    return now
+
+
+def difference(before: tuple[int, list[int]], after: tuple[int, list[int]]) -> str:
+    new = sorted(set(after[1]) - set(before[1]))
+    gone = sorted(set(before[1]) - set(after[1]))
+    return (
+        f"open fds {before[0]} -> {after[0]}; new processes {faults.describe_pids(new)}; "
+        f"processes gone {gone}; fds now {sorted(os.listdir('/proc/self/fd'), key=int)}"
+    )
+
+
+def spill_files(pid: int) -> list[str]:
+    return [path for d in SPILL_DIRS for path in glob.glob(os.path.join(d, f"pickmap-{pid}-*"))]
+
+
+@pytest.fixture(autouse=True)
+def _default_idle_timeout(monkeypatch):
+    # Workers must not leave on their own in the middle of a count.
+    monkeypatch.delenv("PICKMAP_IDLE_TIMEOUT", raising=False)
+
+
+# =========================================================================== many ordinary calls
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_thousand_warm_calls_leave_fds_and_processes_flat(method):
+    pickmap.shutdown()
+    pmap(faults.square, range(8), chunksize=1, **kw("stdlib", method))  # warm: both workers started
+    before = snapshot()
+    idle_before = pools.idle_pool_count()
+    started = time.monotonic()
+    for i in range(1000):
+        assert pmap(faults.square, range(i % 7 + 1), **kw("stdlib", method)) == [x * x for x in range(i % 7 + 1)]
+    elapsed = time.monotonic() - started
+    after = settled(before)
+    assert after == before, difference(before, after)
+    assert pools.idle_pool_count() == idle_before
+    # A warm call costs well under a millisecond here; 20 s leaves room for a loaded machine.
+    assert elapsed < 20, f"1000 warm calls took {elapsed:.1f}s"
+    pickmap.shutdown()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("backend", ["cloudpickle", "dill", "thread", "serial"])
+def test_many_calls_on_the_other_backends_leave_nothing_behind(backend):
+    method = "fork" if backend in ("cloudpickle", "dill") else None
+    pickmap.shutdown()
+    pmap(faults.square, range(8), chunksize=1, **kw(backend, method))
+    before, threads = snapshot(), thread_count()
+    for i in range(300):
+        assert pmap(faults.square, range(i % 5 + 1), **kw(backend, method)) == [x * x for x in range(i % 5 + 1)]
+    after = settled(before)
+    assert after == before, difference(before, after)
+    assert thread_count() == threads
+    pickmap.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_many_imap_calls_abandoned_early_leave_nothing_behind():
+    pickmap.shutdown()
+    pmap(faults.square, range(8), chunksize=1, **kw("stdlib", "fork"))
+    pickmap.shutdown()
+    before = snapshot()
+    for _ in range(50):
+        results = imap(faults.sleep_for, [0] + [5] * 20, range(21), chunksize=1, **kw("stdlib", "fork"))
+        assert next(results) == 0
+        results.close()  # the busy workers are killed
+    pickmap.shutdown()
+    after = settled(before)
+    assert after == before, difference(before, after)
+
+
+# =========================================================================== many faults
+def _crash_exit(k):
+    with pytest.raises(WorkerCrashedError):
+        pmap(faults.CrashOn(1, "exit"), range(4), chunksize=1, **k)
+
+
+def _crash_sigkill(k):
+    with pytest.raises(WorkerCrashedError):
+        pmap(faults.CrashOn(2, "sigkill"), range(6), chunksize=1, **k)
+
+
+def _crash_segfault(k):
+    with pytest.raises(WorkerCrashedError):
+        pmap(faults.CrashOn(0, "segfault"), range(3), chunksize=1, **k)
+
+
+def _exception(k):
+    with pytest.raises(faults.Boom):
+        pmap(faults.CrashOn(3, "raise"), range(8), chunksize=1, **k)
+
+
+def _unrebuildable_exception(k):
+    with pytest.raises(WorkerError):
+        pmap(faults.RaiseOn(1, "holds-a-lock"), range(4), chunksize=1, **k)
+
+
+def _unsendable_result(k):
+    with pytest.raises(SerializationError):
+        pmap(faults.ReturnBomb(2, "raise", "dump", "worker"), range(4), chunksize=1, **k)
+
+
+def _unsendable_item(k):
+    with pytest.raises(SerializationError):
+        pmap(faults.identity, [0, 1, faults.Bomb("raise", "dump", "caller")], chunksize=1, **k)
+
+
+def _callable_fails_to_load(k):
+    with pytest.raises(SerializationError):
+        pmap(faults.BombOnLoad("raise"), range(4), chunksize=1, **k)
+
+
+def _timeout(k):
+    with pytest.raises(TaskTimeoutError):
+        pmap(faults.CrashOn(1, "hang"), range(4), chunksize=1, timeout=0.2, **k)
+
+
+def _interrupted(k):
+    def items():
+        yield from range(3)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pmap(faults.sleep_for, [5] * 10, items(), chunksize=1, **k)
+
+
+def _abandoned_imap(k):
+    results = imap(faults.sleep_on, [1] * 10, [5] * 10, range(10), chunksize=1, **k)
+    assert next(results) == 0
+    results.close()
+
+
+FAULTS = [
+    _crash_exit, _crash_sigkill, _crash_segfault, _exception, _unrebuildable_exception, _unsendable_result,
+    _unsendable_item, _callable_fails_to_load, _timeout, _interrupted, _abandoned_imap,
+]  # fmt: skip
+FAULT_CASES = [
+    pytest.param("stdlib", "fork", 8, id="stdlib-fork"),
+    pytest.param("cloudpickle", "spawn", 1, id="cloudpickle-spawn"),
+    pytest.param("dill", "forkserver", 1, id="dill-forkserver"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend,method,rounds", FAULT_CASES)
+def test_faults_leave_fds_and_processes_flat(backend, method, rounds):
+    k = kw(backend, method)
+    pickmap.shutdown()
+    pmap(faults.square, range(8), chunksize=1, **k)  # start-method helpers exist from here on
+    pickmap.shutdown()
+    before = snapshot()
+    for _ in range(rounds):
+        for inject in FAULTS:
+            inject(k)
+            # after every fault the next call works
+            assert pmap(faults.square, range(5), chunksize=1, **k) == [0, 1, 4, 9, 16]
+    pickmap.shutdown()
+    after = settled(before)
+    assert after == before, difference(before, after)
+    assert spill_files(os.getpid()) == []
+
+
+# =========================================================================== spill files
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["exit", "raise", "hang"])
+def test_spill_files_are_removed_after_a_failed_call(kind):
+    func = faults.CrashOn(1, kind)
+    func.ballast = os.urandom(3 << 20)  # over the spill threshold: shipped through a file
+    raised = {"exit": WorkerCrashedError, "raise": faults.Boom, "hang": TaskTimeoutError}[kind]
+    with pytest.raises(raised):
+        pmap(func, range(4), chunksize=1, timeout=0.5 if kind == "hang" else None, **kw("stdlib", "fork"))
+    assert spill_files(os.getpid()) == []
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_leaves_no_spill_file_and_no_process():
+    # A large callable (shipped through a spill file) and Ctrl-C mid-call.
+    code = textwrap.dedent(
+        """
+        import os
+        import faults, pickmap
+        big = faults.SleepsWithBallast(os.urandom(3 << 20))
+        pickmap.pmap(big, range(8), backend="stdlib", start_method="fork", workers=2, chunksize=1)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
+    env["PYTHONPATH"] = os.pathsep.join([SRC_DIR, TESTS_DIR, env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True)  # fmt: skip
+    descendants: list[int] = []
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while seen.count(b"WORKER") < 2 and time.monotonic() < deadline:
+            if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            seen += chunk
+        assert seen.count(b"WORKER") >= 2, seen
+        descendants = faults.descendant_pids(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=10)
+        assert faults.wait_until_gone(descendants, 10) == []
+        _, err = proc.communicate(timeout=10)
+        assert b"KeyboardInterrupt" in err
+        assert spill_files(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in descendants:
+            if faults.alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# =========================================================================== threads
+@pytest.mark.timeout(60)
+def test_thread_backend_faults_leave_no_thread_running():
+    before_threads = thread_count()
+    before = snapshot()
+    for _ in range(20):
+        with pytest.raises(faults.Boom):
+            pmap(faults.CrashOn(3, "raise"), range(8), chunksize=1, **kw("thread", None))
+    # a stuck thread cannot be killed; it is abandoned, and must end once its item ends
+    with pytest.raises(TaskTimeoutError):
+        pmap(faults.sleep_on, [1] * 4, [1.0] * 4, range(4), chunksize=1, timeout=0.2, **kw("thread", None))
+    deadline = time.monotonic() + 5
+    while thread_count() > before_threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert thread_count() == before_threads, [t.name for t in threading.enumerate()]
+    after = settled(before)
+    assert after == before, difference(before, after)
