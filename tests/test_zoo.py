@@ -93,3 +93,22 @@ def test_probe_never_mutates_the_callers_objects():
     explain(zoo.make_closure(1), DATA)
     assert dict(copyreg.dispatch_table) == before
     assert zoo.Scaler.scale is original
+
+
+def test_a_later_item_holding_a_lock_is_refused_not_copied():
+    import threading
+
+    from pickmap import SerializationError
+
+    held = threading.Lock()
+    with pytest.raises(SerializationError) as caught:
+        pmap(zoo.square, [1, held], backend="dill", chunksize=1)
+    assert caught.value.index == 1 and "thread" in caught.value.capable
+
+
+def test_an_initializer_does_not_pin_the_functions_verdict():
+    pmap(zoo.add, [1], [2], initializer=zoo.make_lambda(1), initargs=(0,))
+    assert explain(zoo.add, [1], [2]).backend == "stdlib"
+    from pickmap.probe import choose
+
+    assert choose(zoo.add, [(1, 2)])[0] == "stdlib"

@@ -218,8 +218,9 @@ class WorkerState:
         try:
             func = load_payload(self.serializer, payloads[0])
             if len(payloads) > 1:
-                stage = "initializer"
+                stage = "initializer-load"
                 initializer, initargs = load_payload(self.serializer, payloads[1])
+                stage = "initializer"
                 initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001
             return [self._failure(stage, None, exc)]

@@ -100,7 +100,8 @@ def _prepare(
 
     setup = None if initializer is None else (initializer, tuple(initargs))
     if name is None:
-        name, payload, init_payload, verdicts = choose(func, sample, setup)
+        # explain() probes afresh, so its verdict table and its choice agree.
+        name, payload, init_payload, verdicts = choose(func, sample, setup, use_cache=not explaining)
     else:
         verdict, payload, init_payload = try_backend(name, func, sample, setup=setup)
         if not verdict.ok and not explaining:

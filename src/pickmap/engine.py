@@ -35,7 +35,7 @@ from .backends.base import Backend
 from .chunking import Chunker
 from .errors import RemoteTraceback, SerializationError, TaskTimeoutError, WorkerCrashedError, WorkerError
 from .pool import Slot, WorkerPool
-from .serializers import Serializer, get_serializer
+from .serializers import Serializer, copies_locks, get_serializer
 
 __all__ = ("Call", "execute")
 
@@ -222,6 +222,8 @@ class _Run:
             payload = self.call.serializer.dumps(items)
         except Exception:  # noqa: BLE001
             raise self._unsendable_item(start, items) from None
+        if self.call.serializer.by_value and copies_locks([payload]):
+            raise self._unsendable_item(start, items)  # the probe's rule, for every chunk
         return _Chunk(next(self.seqs), start, len(items), payload)
 
     def _send(self, slot: Slot, chunk: _Chunk) -> None:
@@ -386,8 +388,9 @@ class _Run:
         if stage == "initializer":
             return self._rebuild("the initializer", None, exc_repr, remote_tb, payloads[0])
         backend = self.call.backend.name
-        what = self.call.label if stage == "callable" else f"the chunk of items starting at index {index}"
-        if stage == "callable":
+        what = f"the chunk of items starting at index {index}"
+        if stage in ("callable", "initializer-load"):
+            what = self.call.label if stage == "callable" else "the initializer"
             advice = "define what it needs at module level of an importable module"
             if self.call.forced:
                 advice += ", or let pickmap choose the backend (backend='auto')"
@@ -421,7 +424,8 @@ class _Run:
         serializer, backend = self.call.serializer, self.call.backend.name
         for offset, item in enumerate(items):
             try:
-                serializer.dumps(item)
+                if copies_locks([serializer.dumps(item)]):
+                    raise TypeError("it holds a threading lock, which must not be copied into a worker process")
             except Exception as exc:  # noqa: BLE001
                 capable = [b for b in capable_backends(self.call.func, [item]) if b != backend]
                 return SerializationError(
@@ -446,16 +450,19 @@ class _Run:
             self.pool.broken = True
             self._fail(WorkerCrashedError(
                 f"a {self.call.backend.name!r} worker (pid {pid}) exited with {_describe_exit(code)} while "
-                f"starting, before it ran anything. Under spawn/forkserver a worker imports your main "
-                f"module: put the script's entry point under `if __name__ == \"__main__\":` (its output "
-                f"above shows the error)",
+                f"starting, before it ran anything. Under spawn/forkserver a worker re-imports your main "
+                f"module: keep the script's entry point under `if __name__ == \"__main__\":`, and run it "
+                f"from a file (a script read from stdin cannot be re-imported); the worker's own error is "
+                f"printed above",
                 exitcode=code,
                 indices=[],
             ))
             return
         head = slot.queued[0]
         progress = slot.worker.progress
-        if self.call.timed and progress is not None and progress[1] > 0:
+        if self.call.timed and progress is not None and progress[1] > 0 and progress[0] < 0:
+            where, indices = "while loading the callable", []
+        elif self.call.timed and progress is not None and progress[1] > 0:
             where = f"item {int(progress[0])}"
             indices = [int(progress[0])]
         else:
@@ -464,8 +471,9 @@ class _Run:
         self.pool.remove(slot, kill=True)
         self.pool.broken = True
         self._fail(WorkerCrashedError(
-            f"a {self.call.backend.name!r} worker (pid {pid}) died with {_describe_exit(code)} while "
-            f"running {where} of {self.call.label}; the pool was discarded and the next call starts "
+            f"a {self.call.backend.name!r} worker (pid {pid}) died with {_describe_exit(code)} "
+            f"{where if where.startswith('while') else 'while running ' + where} of {self.call.label}; "
+            f"the pool was discarded and the next call starts "
             f"fresh workers",
             exitcode=code,
             indices=indices,
@@ -493,7 +501,7 @@ class _Run:
             self._fail(TaskTimeoutError(
                 f"{what} of {self.call.label} ran longer than timeout={timeout:g}s on the "
                 f"{backend.name!r} backend; {action}",
-                index=index,
+                index=index if index >= 0 else None,
                 timeout=timeout,
             ))
             return

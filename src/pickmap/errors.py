@@ -85,8 +85,11 @@ class SerializationError(PickmapError, pickle.PicklingError):
     """The callable, an item or a result cannot travel with the chosen backend.
 
     ``backend`` names the backend that failed, ``what`` describes the object,
-    ``index`` is the item's position in the input (``None`` for the callable)
-    and ``capable`` lists the backends that could carry it, when known.
+    ``index`` is the item's position in the input (``None`` for the callable;
+    for a failure that concerns a whole chunk — items that cannot be loaded in
+    the worker, results that cannot be loaded here — the chunk's first
+    position, with the range in the message) and ``capable`` lists the
+    backends that could carry it, when known.
     """
 
     def __init__(
@@ -119,9 +122,13 @@ class WorkerCrashedError(PickmapError, BrokenExecutor):
 
 
 class TaskTimeoutError(PickmapError, TimeoutError):
-    """One item ran longer than ``timeout=`` seconds; its worker was killed."""
+    """One item ran longer than ``timeout=`` seconds; its worker was killed.
 
-    def __init__(self, message: str, *, index: int, timeout: float) -> None:
+    ``index`` is the item's position, or ``None`` when the time ran out while
+    the worker was loading the callable.
+    """
+
+    def __init__(self, message: str, *, index: int | None, timeout: float) -> None:
         self.index = index
         self.timeout = timeout
         super().__init__(message)

@@ -151,11 +151,16 @@ def _remember(func: Any, sample: Sequence[Any], backend: str) -> None:
 
 
 def choose(
-    func: Callable[..., Any], sample: Sequence[Any], setup: Any = None
+    func: Callable[..., Any], sample: Sequence[Any], setup: Any = None, *, use_cache: bool = True
 ) -> tuple[str, Any, Any, tuple[Verdict, ...]]:
-    """Walk the ladder: ``(backend, callable parts, setup parts, verdicts so far)``."""
+    """Walk the ladder: ``(backend, callable parts, setup parts, verdicts so far)``.
+
+    Calls with an initializer are neither looked up nor remembered: the
+    verdict then depends on the initializer too.
+    """
     installed = available_backends()
-    cached = _cached(func, sample)
+    use_cache = use_cache and setup is None
+    cached = _cached(func, sample) if use_cache else None
     if cached is not None:
         # Trusted: only the dumps the call needs anyway, no second loads.
         verdict, payload, init_payload = try_backend(cached, func, sample, setup=setup, load=False)
@@ -168,7 +173,8 @@ def choose(
         verdict, payload, init_payload = try_backend(name, func, sample, setup=setup)
         verdicts.append(verdict)
         if verdict.ok:
-            _remember(func, sample, name)
+            if use_cache:
+                _remember(func, sample, name)
             return name, payload, init_payload, tuple(verdicts)
     raise AssertionError("the thread backend carries everything")  # pragma: no cover
 

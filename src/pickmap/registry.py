@@ -124,7 +124,8 @@ def get_backend(name: str) -> Backend:
                 factory = getattr(importlib.import_module(module_name), attr)
             except ModuleNotFoundError as exc:
                 missing = exc.name or module_name
-                raise BackendUnavailableError(name, missing, entry.install_hint or f"pip install {missing}") from exc
+                hint = entry.install_hint or f"pip install {missing.split('.')[0]}"
+                raise BackendUnavailableError(name, missing, hint) from exc
         backend = factory()
         if not isinstance(backend, Backend):
             raise TypeError(f"the factory registered for {name!r} returned {backend!r}, not a pickmap Backend")
