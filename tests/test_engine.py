@@ -189,3 +189,16 @@ def test_keyboard_interrupt_is_never_collected_as_a_result():
 def test_serial_always_uses_one_worker(monkeypatch):
     monkeypatch.setenv("PICKMAP_WORKERS", "3")
     assert pickmap.explain(zoo.square, [1], backend="serial").workers == 1
+
+
+def test_fork_workers_started_by_a_call_inherit_its_callable_unserialized():
+    pickmap.shutdown()
+    func = zoo.CountsLoads(b"y" * (2 * 2**20))  # above the spill threshold
+    loads_here = zoo.CountsLoads.loads_in_this_process  # the probe's trial loads
+    before = _spills()
+    results = pmap(func, range(16), backend="stdlib", workers=2, chunksize=1, start_method="fork")
+    assert {loads for _, loads in results} == {loads_here}  # no worker loaded it
+    assert _spills() == before
+    # warm workers get it by SETUP on the next call: loaded once each
+    again = pmap(func, range(16), backend="stdlib", workers=2, chunksize=1, start_method="fork")
+    assert {loads for _, loads in again} == {loads_here + 1}

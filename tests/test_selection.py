@@ -119,7 +119,7 @@ def test_registry_lists_and_registers_backends():
         serializer = "identity"
         isolated = False
 
-        def start_worker(self, start_method, idle_timeout):
+        def start_worker(self, start_method, idle_timeout, call=None):
             from pickmap.backends.serial import InlineWorker
 
             return InlineWorker()

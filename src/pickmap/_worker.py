@@ -200,6 +200,18 @@ class WorkerState:
             return self._chunk(header, payloads)
         raise ValueError(f"unknown message kind {kind!r}")
 
+    def adopt(self, inherited: tuple[Any, ...]) -> list[Message]:
+        """Take a call handed over by fork: the callable is already in memory."""
+        self.call_id, func, setup, self.star, self.collect, self.timed = inherited
+        if setup is not None:
+            initializer, initargs = setup
+            try:
+                initializer(*initargs)
+            except BaseException as exc:  # noqa: BLE001
+                return [self._failure("initializer", None, exc)]
+        self.func = func
+        return []
+
     def _clock(self, index: float) -> None:
         """With ``timeout=``: the task at ``index`` starts now (-1: loading the callable; -2: idle).
 
@@ -322,8 +334,20 @@ def _close_inherited(fds: Sequence[Any]) -> None:
             pass
 
 
-def process_main(conn: Any, serializer_name: str, progress: Any, idle_timeout: float, inherited: Sequence[Any]) -> None:
-    """Entry point of a worker process (the ``target`` of ``Process``)."""
+def process_main(
+    conn: Any,
+    serializer_name: str,
+    progress: Any,
+    idle_timeout: float,
+    inherited: Sequence[Any],
+    call: tuple[Any, ...] | None = None,
+) -> None:
+    """Entry point of a worker process (the ``target`` of ``Process``).
+
+    ``call`` is set only for a worker forked during a call: that call's
+    callable and initializer, inherited with the process's memory, so they are
+    never serialized for this worker.
+    """
     global _IN_WORKER
     _IN_WORKER = True
     # Ctrl-C goes to the whole process group; the caller decides what happens.
@@ -341,7 +365,7 @@ def process_main(conn: Any, serializer_name: str, progress: Any, idle_timeout: f
         return recv_messages(conn)
 
     try:
-        send_messages(conn, [((READY,), ())])
+        send_messages(conn, [((READY,), ()), *(state.adopt(call) if call is not None else [])])
         serve(recv, lambda replies: send_messages(conn, replies), state)
     except (EOFError, OSError, SystemExit):
         pass  # the caller went away or we said BYE; Process._bootstrap flushes and exits

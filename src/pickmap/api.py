@@ -124,6 +124,7 @@ def _prepare(
         func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout,
         forced=source in ("argument", "environment"),
     )  # fmt: skip
+    call.setup = setup
     chunker = Chunker(items, input_length(iterables), size, chunksize, func)
     return _Prepared(plan, call, chunker, idle_timeout)
 

@@ -91,12 +91,17 @@ class Call:
         self.timed = timeout is not None and backend.enforces_timeout
         self.label = getattr(func, "__qualname__", None) or type(func).__qualname__
         self._parts = (func_parts,) if init_parts is None else (func_parts, init_parts)
+        self.setup: tuple[Any, tuple[Any, ...]] | None = None  # (initializer, initargs) objects
         self._payloads: tuple[Any, ...] | None = None
         self._spills: list[str] = []
 
     @property
     def has_initializer(self) -> bool:
         return len(self._parts) > 1
+
+    def inheritable(self) -> tuple[Any, ...]:
+        """What a worker forked now inherits instead of a SETUP message."""
+        return (self.id, self.func, self.setup, self.star, self.collect, self.timed)
 
     def setup_payloads(self) -> tuple[Any, ...]:
         if self._payloads is None:
@@ -207,7 +212,7 @@ class _Run:
                 if chunk is None:
                     self.source_done = True
                     return
-            slot = self.pool.pick()
+            slot = self.pool.pick(self.call.inheritable())
             if slot is None:
                 self.requeued.appendleft(chunk)
                 return

@@ -65,16 +65,22 @@ class WorkerPool:
     def key(self) -> tuple[str, str | None, int]:
         return (self.backend.name, self.start_method, self.size)
 
-    def start_slot(self) -> Slot:
-        slot = Slot(self.backend.start_worker(self.start_method, self.idle_timeout))
+    def start_slot(self, call: Any = None) -> Slot:
+        slot = Slot(self.backend.start_worker(self.start_method, self.idle_timeout, call))
+        if slot.worker.adopted_call is not None:
+            slot.call_id = slot.worker.adopted_call
+            slot.tainted = call[2] is not None  # it ran the call's initializer
         self.slots.append(slot)
         return slot
 
-    def pick(self) -> Slot | None:
-        """The least busy worker with room in its queue, starting one if all are busy."""
+    def pick(self, call: Any = None) -> Slot | None:
+        """The least busy worker with room in its queue, starting one if all are busy.
+
+        ``call`` is handed to a worker started now (see ``Backend.start_worker``).
+        """
         best = min((s for s in self.slots if s.usable), key=lambda s: len(s.queued), default=None)
         if (best is None or best.queued) and len(self.slots) < self.size:
-            return self.start_slot()
+            return self.start_slot(call)
         if best is None or len(best.queued) >= self.backend.max_queued:
             return None
         return best

@@ -21,13 +21,18 @@ _CALLER_ENDS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 class ProcessWorker(Worker):
-    def __init__(self, context: Any, serializer: str, start_method: str, idle_timeout: float) -> None:
+    def __init__(self, context: Any, serializer: str, start_method: str, idle_timeout: float, call: Any) -> None:
         caller_end, worker_end = context.Pipe(duplex=True)
         shared = context.RawArray("d", 2)
-        inherited = [*_CALLER_ENDS, caller_end] if start_method == "fork" else []
+        forked = start_method == "fork"
+        inherited = [*_CALLER_ENDS, caller_end] if forked else []
+        # Under fork, Process arguments are inherited, not pickled: the call's
+        # callable reaches the worker without being serialized at all.
+        adopted = call if forked else None
+        self.adopted_call = call[0] if adopted is not None else None
         self.process = context.Process(
             target=process_main,
-            args=(worker_end, serializer, shared, idle_timeout, inherited),
+            args=(worker_end, serializer, shared, idle_timeout, inherited, adopted),
             name="pickmap-worker",
             daemon=True,
         )
@@ -88,7 +93,7 @@ class ProcessBackend(Backend):
     #: The ``multiprocessing``-compatible package that starts the processes.
     process_package: ClassVar[str] = "multiprocessing"
 
-    def start_worker(self, start_method: str | None, idle_timeout: float) -> Worker:
+    def start_worker(self, start_method: str | None, idle_timeout: float, call: Any = None) -> Worker:
         assert start_method is not None
         context = importlib.import_module(self.process_package).get_context(start_method)
-        return ProcessWorker(context, self.serializer, start_method, idle_timeout)
+        return ProcessWorker(context, self.serializer, start_method, idle_timeout, call)

@@ -37,6 +37,7 @@ class Worker(abc.ABC):
     sentinel: Any = None
     pid: int | None = None
     progress: Any = None
+    adopted_call: int | None = None  # id of a call it inherited at fork
 
     @abc.abstractmethod
     def send(self, messages: Sequence[Message]) -> None:
@@ -88,8 +89,14 @@ class Backend(abc.ABC):
             return os.cpu_count() or 1
 
     @abc.abstractmethod
-    def start_worker(self, start_method: str | None, idle_timeout: float) -> Worker:
-        """Start one worker and return its handle."""
+    def start_worker(self, start_method: str | None, idle_timeout: float, call: Any = None) -> Worker:
+        """Start one worker and return its handle.
+
+        ``call`` is the running call's ``(id, callable, (initializer, initargs)
+        or None, star, collect, timed)``. A backend that can hand it over
+        without serializing (fork) sets ``worker.adopted_call`` to its id;
+        others ignore it and the worker gets a SETUP message.
+        """
 
     def __repr__(self) -> str:
         return f"<pickmap backend {self.name!r}>"

@@ -7,7 +7,7 @@ caller's thread cannot be interrupted from inside.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from .._worker import Message, WorkerState
 from ..serializers import get_serializer
@@ -45,5 +45,5 @@ class SerialBackend(Backend):
     max_queued = 1
     max_workers = 1
 
-    def start_worker(self, start_method: str | None, idle_timeout: float) -> Worker:
+    def start_worker(self, start_method: str | None, idle_timeout: float, call: Any = None) -> Worker:
         return InlineWorker()

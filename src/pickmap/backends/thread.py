@@ -95,5 +95,5 @@ class ThreadBackend(Backend):
         # Same default as ThreadPoolExecutor: threads mostly wait on I/O.
         return min(32, (os.cpu_count() or 1) + 4)
 
-    def start_worker(self, start_method: str | None, idle_timeout: float) -> Worker:
+    def start_worker(self, start_method: str | None, idle_timeout: float, call: Any = None) -> Worker:
         return ThreadWorker(idle_timeout)
