@@ -194,9 +194,9 @@ def test_serial_always_uses_one_worker(monkeypatch):
 def test_fork_workers_started_by_a_call_inherit_its_callable_unserialized():
     pickmap.shutdown()
     func = zoo.CountsLoads(b"y" * (2 * 2**20))  # above the spill threshold
-    loads_here = zoo.CountsLoads.loads_in_this_process  # the probe's trial loads
     before = _spills()
     results = pmap(func, range(16), backend="stdlib", workers=2, chunksize=1, start_method="fork")
+    loads_here = zoo.CountsLoads.loads_in_this_process  # the probe's trial load, before the fork
     assert {loads for _, loads in results} == {loads_here}  # no worker loaded it
     assert _spills() == before
     # warm workers get it by SETUP on the next call: loaded once each
