@@ -53,6 +53,7 @@ class Chunker:
         self._timed_items = 0
         self._timed_seconds = 0.0
         self.adaptive = chunksize is None and length is None
+        self._fixed = chunksize is not None  # the caller's chunksize= is never changed
         if chunksize is not None:
             self.size = chunksize
         elif length is not None:
@@ -85,6 +86,11 @@ class Chunker:
             except TypeError:
                 pass
         if not self.adaptive:
+            # Known length: slow items make big chunks an unbalanced tail, so
+            # shrink (never grow) toward TARGET_SECONDS of work a chunk.
+            per_item = self._timed_seconds / self._timed_items
+            if per_item * self.size > 2 * TARGET_SECONDS and not self._fixed:
+                self.size = max(1, min(self.size, int(TARGET_SECONDS / per_item)))
             return
         per_item = max(seconds / count, 1e-7)
         wanted = int(TARGET_SECONDS / per_item)

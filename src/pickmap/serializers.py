@@ -282,13 +282,23 @@ def _globals_in(parts: list[bytes]) -> list[tuple[str, str]]:
     return found
 
 
+# Picklers write opcodes in frames of about 64 KiB and hand the contents of
+# larger buffers (a 50 MB ``bytes``) to ``write`` on their own: a part above this size
+# is data, never an opcode, so the name checks below need not scan it.
+_RAW_PART = 256 * 1024
+
+
+def _mentions(parts: list[bytes], needles: tuple[str, ...]) -> bool:
+    return any(n.encode() in part for part in parts if len(part) <= _RAW_PART for n in needles)
+
+
 def main_references(parts: list[bytes]) -> list[str]:
     """Names of ``__main__`` objects that the pickle in ``parts`` refers to by reference.
 
-    Cheap when there are none: the opcode walk only runs when the bytes
-    mention ``__main__`` at all.
+    Cheap when there are none: the opcode walk only runs when the opcode
+    frames mention ``__main__`` at all.
     """
-    if not any(m.encode() in part for part in parts for m in _MAIN_MODULES):
+    if not _mentions(parts, _MAIN_MODULES):
         return []
     return [name for module, name in _globals_in(parts) if module in _MAIN_MODULES]
 
@@ -302,6 +312,6 @@ def copies_locks(parts: list[bytes]) -> bool:
     A lock copied into another process no longer excludes anything shared
     with this one — and a copy of a held lock is held forever there.
     """
-    if not any(builder.encode() in part for part in parts for builder in _LOCK_BUILDERS):
+    if not _mentions(parts, _LOCK_BUILDERS):
         return False
     return any(name in _LOCK_BUILDERS for _, name in _globals_in(parts))
