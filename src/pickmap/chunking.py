@@ -54,6 +54,9 @@ class Chunker:
         self._timed_seconds = 0.0
         self.adaptive = chunksize is None and length is None
         self._fixed = chunksize is not None  # the caller's chunksize= is never changed
+        # Until a first chunk reports how long an item takes, send single items:
+        # four coarse chunks dispatched blind can hold half of a slow workload.
+        self._blind = chunksize is None and length is not None and _remembered(func) is None
         if chunksize is not None:
             self.size = chunksize
         elif length is not None:
@@ -67,7 +70,7 @@ class Chunker:
 
     def next_chunk(self) -> tuple[int, list[Any]] | None:
         """``(index of the first item, items)``, or ``None`` when the input is exhausted."""
-        items = list(itertools.islice(self._items, self.size))
+        items = list(itertools.islice(self._items, 1 if self._blind else self.size))
         if not items:
             return None
         start = self._next_start
@@ -80,6 +83,7 @@ class Chunker:
             return
         self._timed_items += count
         self._timed_seconds += seconds
+        self._blind = False
         if self._timed_items and self._func is not None:
             try:
                 _SECONDS_PER_ITEM[_timing_key(self._func)] = self._timed_seconds / self._timed_items

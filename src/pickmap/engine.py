@@ -450,36 +450,29 @@ class _Run:
             self.pool.remove(slot, kill=True)
             return
         pid = slot.worker.pid
-        if not slot.ready:
-            self.pool.remove(slot, kill=True)
-            self.pool.broken = True
-            self._fail(WorkerCrashedError(
-                f"a {self.call.backend.name!r} worker (pid {pid}) exited with {_describe_exit(code)} while "
-                f"starting, before it ran anything. Under spawn/forkserver a worker re-imports your main "
-                f"module: keep the script's entry point under `if __name__ == \"__main__\":`, and run it "
-                f"from a file (a script read from stdin cannot be re-imported); the worker's own error is "
-                f"printed above",
-                exitcode=code,
-                indices=[],
-            ))
-            return
-        head = slot.queued[0]
         progress = slot.worker.progress
-        if self.call.timed and progress is not None and progress[1] > 0 and progress[0] < 0:
-            where, indices = "while loading the callable", []
-        elif self.call.timed and progress is not None and progress[1] > 0:
-            where = f"item {int(progress[0])}"
-            indices = [int(progress[0])]
+        timed = self.call.timed and progress is not None and progress[1] > 0
+        if not slot.ready:
+            where, indices = "while starting, before it ran anything", []
+            advice = (
+                "Under spawn/forkserver a worker re-imports your main module: keep the script's entry point "
+                "under `if __name__ == \"__main__\":`, and run it from a file (a script read from stdin "
+                "cannot be re-imported); the worker's own error is printed above"
+            )
         else:
-            where = _describe_indices(head.start, head.count)
-            indices = list(range(head.start, head.start + head.count))
+            advice = "the pool was discarded and the next call starts fresh workers"
+            if timed and progress[0] < 0:
+                where, indices = f"while loading {self.call.label}", []
+            elif timed:
+                where, indices = f"while running item {int(progress[0])} of {self.call.label}", [int(progress[0])]
+            else:
+                head = slot.queued[0]
+                where = f"while running {_describe_indices(head.start, head.count)} of {self.call.label}"
+                indices = list(range(head.start, head.start + head.count))
         self.pool.remove(slot, kill=True)
         self.pool.broken = True
         self._fail(WorkerCrashedError(
-            f"a {self.call.backend.name!r} worker (pid {pid}) died with {_describe_exit(code)} "
-            f"{where if where.startswith('while') else 'while running ' + where} of {self.call.label}; "
-            f"the pool was discarded and the next call starts "
-            f"fresh workers",
+            f"a {self.call.backend.name!r} worker (pid {pid}) exited with {_describe_exit(code)} {where}; {advice}",
             exitcode=code,
             indices=indices,
         ))
