@@ -7,7 +7,9 @@
    at most twice that many chunks dispatched but not yet consumed), so memory
    stays bounded whatever the input's length;
 2. sends the call's SETUP (the callable, once per worker per call) before a
-   worker's first chunk, then the chunk;
+   worker's first chunk, then the chunk — a worker forked during the call
+   inherits the callable instead, and payloads of 1 MiB or more travel once
+   through a spill file rather than through every worker's pipe;
 3. waits with ``multiprocessing.connection.wait`` on every worker's pipe and
    process sentinel, so a reply, a death or a timeout wakes it — never a hang;
 4. emits results in input order (buffering out-of-order chunks) or in
