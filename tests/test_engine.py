@@ -61,11 +61,21 @@ def test_shutdown_stops_idle_workers():
                 time.sleep(0.05)
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "zombie" not in status.read()
+    except FileNotFoundError:
+        return False
+
+
 def test_idle_workers_exit_and_the_next_call_replaces_them(monkeypatch):
     pickmap.shutdown()
     monkeypatch.setenv("PICKMAP_IDLE_TIMEOUT", "0.2")
     first = set(pmap(zoo.pid_of, range(10), backend="stdlib", workers=2, chunksize=1))
-    time.sleep(0.6)
+    deadline = time.monotonic() + 10  # they leave on their own; wait, bounded, for that
+    while time.monotonic() < deadline and any(_running(pid) for pid in first):
+        time.sleep(0.05)
     second = set(pmap(zoo.pid_of, range(10), backend="stdlib", workers=2, chunksize=1))
     assert second and not (first & second)
     pickmap.shutdown()
