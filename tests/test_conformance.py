@@ -117,3 +117,12 @@ def test_return_exceptions_with_an_exception_that_cannot_travel(backend):
     assert all(isinstance(r, BaseException) for r in results)
     if backend.isolated:
         assert all(isinstance(r, pickmap.WorkerError) for r in results)
+
+
+def test_large_chunks_and_large_results_never_deadlock(backend):
+    # Caller writing a big chunk while the worker writes a big result: the
+    # worker's reader thread keeps the caller's writes flowing (used to hang).
+    import copy
+
+    blobs = [bytes(300_000)] * 8
+    assert pmap(copy.copy, blobs, chunksize=1, **backend.kwargs) == blobs

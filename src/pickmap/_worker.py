@@ -52,7 +52,9 @@ from __future__ import annotations
 import itertools
 import mmap
 import pickle
+import queue
 import signal
+import threading
 import time
 import traceback
 from typing import Any, Callable, NamedTuple, Sequence
@@ -90,8 +92,6 @@ _INLINE_FRAME_LIMIT = 1 << 20
 
 def in_worker() -> bool:
     """True inside a pickmap worker process or worker thread."""
-    import threading
-
     return _IN_WORKER or getattr(threading.current_thread(), "_pickmap_worker", False)
 
 
@@ -356,13 +356,32 @@ def process_main(
     view = memoryview(progress).cast("B").cast("d") if progress is not None else None
     state = WorkerState(get_serializer(serializer_name), view)
 
+    # A reader thread drains the pipe into a queue, so the caller's writes
+    # always complete while this worker lives. Without it, a caller writing a
+    # large chunk and a worker writing a large result to each other would
+    # both block forever.
+    inbox: queue.SimpleQueue[list[Message] | None] = queue.SimpleQueue()
+
+    def read_forever() -> None:
+        try:
+            while True:
+                inbox.put(recv_messages(conn))
+        except (EOFError, OSError):
+            inbox.put(None)
+
+    threading.Thread(target=read_forever, name="pickmap-reader", daemon=True).start()
+
     def recv() -> list[Message]:
-        if not conn.poll(idle_timeout):
+        try:
+            batch = inbox.get(timeout=idle_timeout)
+        except queue.Empty:
             # Idle too long: say so and leave. The caller re-queues anything it
-            # sent after our last reply, since we never read it.
+            # sent after our last reply: we never run it.
             send_messages(conn, [((BYE,), ())])
-            raise SystemExit(0)
-        return recv_messages(conn)
+            raise SystemExit(0) from None
+        if batch is None:
+            raise EOFError
+        return batch
 
     try:
         send_messages(conn, [((READY,), ()), *(state.adopt(call) if call is not None else [])])
