@@ -377,6 +377,19 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
+def kill_leftovers(proc: Any, pids) -> None:
+    """Test clean-up: kill the child interpreter and any of ``pids`` still alive."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it exited in between
+
+
 def wait_until_gone(pids, seconds: float = 10.0) -> list[int]:
     """Waits until none of ``pids`` is alive; returns the ones still alive."""
     deadline = time.monotonic() + seconds

@@ -585,15 +585,7 @@ def test_ctrl_c_propagates_and_no_worker_survives(backend, method, target):
         assert proc.returncode in (-signal.SIGINT, 1, 128 + signal.SIGINT), (proc.returncode, err.decode())
         assert "KeyboardInterrupt" in err.decode(), err.decode()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in descendants:
-            if faults.alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        faults.kill_leftovers(proc, descendants)
 
 
 def _interrupting_input(count: int, pause: float):

@@ -268,12 +268,7 @@ def test_ctrl_c_leaves_no_spill_file_and_no_process():
         assert b"KeyboardInterrupt" in err
         assert spill_files(proc.pid) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in descendants:
-            if faults.alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        faults.kill_leftovers(proc, descendants)
 
 
 # =========================================================================== threads
