@@ -353,7 +353,7 @@ def process_main(
     # Ctrl-C goes to the whole process group; the caller decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _close_inherited(inherited)
-    view = memoryview(progress).cast("B").cast("d") if progress is not None else None
+    view = progress.create_memoryview().cast("d") if progress is not None else None
     state = WorkerState(get_serializer(serializer_name), view)
 
     # A reader thread drains the pipe into a queue, so the caller's writes

@@ -21,9 +21,12 @@ _CALLER_ENDS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 class ProcessWorker(Worker):
-    def __init__(self, context: Any, serializer: str, start_method: str, idle_timeout: float, call: Any) -> None:
+    def __init__(self, package: str, serializer: str, start_method: str, idle_timeout: float, call: Any) -> None:
+        context = importlib.import_module(package).get_context(start_method)
         caller_end, worker_end = context.Pipe(duplex=True)
-        shared = context.RawArray("d", 2)
+        # Two doubles of shared memory, from multiprocessing's heap: RawArray
+        # would do the same but imports ctypes (~15 ms on a first call).
+        shared = importlib.import_module(f"{package}.heap").BufferWrapper(16)
         forked = start_method == "fork"
         inherited = [*_CALLER_ENDS, caller_end] if forked else []
         # Under fork, Process arguments are inherited, not pickled: the call's
@@ -40,7 +43,7 @@ class ProcessWorker(Worker):
         worker_end.close()
         _CALLER_ENDS.add(caller_end)
         self._shared = shared  # keep the shared memory alive as long as the handle
-        self.progress = memoryview(shared).cast("B").cast("d")
+        self.progress = shared.create_memoryview().cast("d")
         self.conn = caller_end
         self.waitable = caller_end
         self.sentinel = self.process.sentinel
@@ -95,5 +98,4 @@ class ProcessBackend(Backend):
 
     def start_worker(self, start_method: str | None, idle_timeout: float, call: Any = None) -> Worker:
         assert start_method is not None
-        context = importlib.import_module(self.process_package).get_context(start_method)
-        return ProcessWorker(context, self.serializer, start_method, idle_timeout, call)
+        return ProcessWorker(self.process_package, self.serializer, start_method, idle_timeout, call)
