@@ -97,6 +97,39 @@ def test_known_length_gives_each_worker_several_chunks():
     assert chunker.size == 125  # 1000 / (4 * 2)
 
 
+def _drain_chunks(chunker: Chunker, seconds_per_item: float) -> list[int]:
+    sizes = []
+    while (got := chunker.next_chunk()) is not None:
+        sizes.append(len(got[1]))
+        chunker.observe(len(got[1]), len(got[1]) * seconds_per_item)
+    return sizes
+
+
+def test_slow_items_get_guided_chunks_that_shrink_to_single_items():
+    # 48 items of ~18 ms on 2 workers: one blind item, then large chunks that
+    # shrink as the input runs out, so the tail is balanced item by item.
+    sizes = _drain_chunks(Chunker(iter(range(48)), 48, workers=2, chunksize=None, func=None), 0.018)
+    assert sum(sizes) == 48
+    assert sizes[0] == 1  # no timing yet
+    assert max(sizes) <= 6  # never above the even split, 48 / (4 * 2)
+    assert sizes[-3:] == [1, 1, 1]
+    assert all(a >= b for a, b in itertools.pairwise(sizes[1:]))  # never growing
+    assert len(sizes) < 20  # far fewer messages than 48 single items
+
+
+def test_a_chunk_holds_at_most_a_tenth_of_a_second_of_work():
+    sizes = _drain_chunks(Chunker(iter(range(400)), 400, workers=2, chunksize=None), 0.05)
+    assert max(sizes) == 2  # 0.1 s / 0.05 s, though the even split allows 50
+    assert sizes.count(2) >= 195
+
+
+def test_fast_items_never_get_chunks_below_a_message_worth_of_work():
+    sizes = _drain_chunks(Chunker(iter(range(200_000)), 200_000, workers=2, chunksize=None), 1e-7)
+    assert sizes[0] == 1
+    assert min(sizes[1:-1]) >= 25_000  # the even split; 5 ms of work would be 50k items
+    assert len(sizes) <= 10
+
+
 def test_adaptive_chunks_grow_toward_the_target_and_stay_bounded():
     chunker = Chunker(iter(()), None, workers=2, chunksize=None)
     assert chunker.size == 1

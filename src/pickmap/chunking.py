@@ -1,11 +1,17 @@
 """How the input is cut into chunks.
 
-- Known length (``len()`` works on every iterable): ``ceil(n / (4 * workers))``
-  items a chunk, so each worker gets about four chunks — enough to balance
-  uneven items without paying per-item messages. When an earlier call of the
-  same function showed how long an item takes, a chunk is also made at least
-  :data:`MIN_CHUNK_SECONDS` of work (but never fewer chunks than workers):
-  a message costs ~0.1 ms, so 8 trivial items go as 2 chunks, not 8.
+- Known length (``len()`` works on every iterable): at most
+  ``ceil(n / (4 * workers))`` items a chunk, so each worker gets several
+  chunks. Until a first result says how long an item takes, single items go
+  out (four coarse chunks dispatched blind can hold half of a slow workload).
+  After that, chunks are *guided*: each holds about a ``1 / (2 * workers)``
+  share of what is left, so they start large (few messages) and shrink to
+  single items at the end (no worker idles while another finishes a long
+  chunk). Two bounds in seconds of work, from the measured time per item: a
+  chunk is at least :data:`MIN_CHUNK_SECONDS` (a message costs ~0.1 ms, so 8
+  trivial items go as 2 chunks, not 8) and at most
+  :data:`LONGEST_CHUNK_SECONDS` (so ``imap`` results keep flowing). The time
+  per item is remembered per function, so a second call skips the blind start.
 - Unknown length (generators): adaptive. Chunks start at one item and grow,
   at most doubling each time, toward :data:`TARGET_SECONDS` of work per chunk,
   measured by the workers; capped at :data:`MAX_ADAPTIVE` items so memory
@@ -26,6 +32,8 @@ from typing import Any, Iterator
 
 TARGET_SECONDS = 0.02
 MIN_CHUNK_SECONDS = 0.005
+LONGEST_CHUNK_SECONDS = 0.1
+GUIDED_SHARES = 2  # a guided chunk is 1 / (GUIDED_SHARES * workers) of what is left
 MAX_ADAPTIVE = 1 << 14
 
 # function (weakly) -> seconds per item seen in its last call
@@ -48,57 +56,62 @@ class Chunker:
         self, items: Iterator[Any], length: int | None, workers: int, chunksize: int | None, func: Any = None
     ) -> None:
         self._items = items
+        self._length = length
+        self._workers = workers
         self._next_start = 0
         self._func = func
         self._timed_items = 0
         self._timed_seconds = 0.0
-        self.adaptive = chunksize is None and length is None
+        self._per_item = _remembered(func)  # seconds; None until measured
         self._fixed = chunksize is not None  # the caller's chunksize= is never changed
-        # Until a first chunk reports how long an item takes, send single items:
-        # four coarse chunks dispatched blind can hold half of a slow workload.
-        self._blind = chunksize is None and length is not None and _remembered(func) is None
+        self.adaptive = not self._fixed and length is None
         if chunksize is not None:
             self.size = chunksize
         elif length is not None:
+            # The largest chunk of a known-length input.
             self.size = max(1, math.ceil(length / (4 * workers)))
-            per_item = _remembered(func)
-            if per_item is not None:
-                worth_a_message = math.ceil(MIN_CHUNK_SECONDS / max(per_item, 1e-9))
+            if self._per_item is not None:
+                worth_a_message = math.ceil(MIN_CHUNK_SECONDS / max(self._per_item, 1e-9))
                 self.size = max(self.size, min(math.ceil(length / workers), worth_a_message))
         else:
             self.size = 1
 
     def next_chunk(self) -> tuple[int, list[Any]] | None:
         """``(index of the first item, items)``, or ``None`` when the input is exhausted."""
-        items = list(itertools.islice(self._items, 1 if self._blind else self.size))
+        size = self.size if self._fixed or self._length is None else self._guided_size()
+        items = list(itertools.islice(self._items, size))
         if not items:
             return None
         start = self._next_start
         self._next_start += len(items)
         return start, items
 
+    def _guided_size(self) -> int:
+        assert self._length is not None
+        if self._per_item is None:
+            return 1  # blind: wait for a first timing
+        per_item = max(self._per_item, 1e-9)
+        left = self._length - self._next_start
+        guided = math.ceil(left / (GUIDED_SHARES * self._workers))
+        longest = max(1, int(LONGEST_CHUNK_SECONDS / per_item + 1e-6))  # 1e-6: float noise at exact ratios
+        worth_a_message = math.ceil(MIN_CHUNK_SECONDS / per_item)
+        return max(1, min(self.size, max(min(guided, longest), worth_a_message)))
+
     def observe(self, count: int, seconds: float) -> None:
-        """A worker ran ``count`` items in ``seconds``: steer the adaptive size."""
+        """A worker ran ``count`` items in ``seconds``: steer the chunk size."""
         if count <= 0:
             return
         self._timed_items += count
         self._timed_seconds += seconds
-        self._blind = False
-        if self._timed_items and self._func is not None:
+        self._per_item = self._timed_seconds / self._timed_items
+        if self._func is not None:
             try:
-                _SECONDS_PER_ITEM[_timing_key(self._func)] = self._timed_seconds / self._timed_items
+                _SECONDS_PER_ITEM[_timing_key(self._func)] = self._per_item
             except TypeError:
                 pass
-        if not self.adaptive:
-            # Known length: slow items make big chunks an unbalanced tail, so
-            # shrink (never grow) toward TARGET_SECONDS of work a chunk.
-            per_item = self._timed_seconds / self._timed_items
-            if per_item * self.size > 2 * TARGET_SECONDS and not self._fixed:
-                self.size = max(1, min(self.size, int(TARGET_SECONDS / per_item)))
-            return
-        per_item = max(seconds / count, 1e-7)
-        wanted = int(TARGET_SECONDS / per_item)
-        self.size = max(1, min(wanted, self.size * 2, MAX_ADAPTIVE))
+        if self.adaptive:
+            wanted = int(TARGET_SECONDS / max(seconds / count, 1e-7))
+            self.size = max(1, min(wanted, self.size * 2, MAX_ADAPTIVE))
 
 
 def input_length(iterables: tuple[Any, ...]) -> int | None:
