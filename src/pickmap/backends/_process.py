@@ -9,6 +9,7 @@ package starts the processes (``multiprocessing`` or pathos' ``multiprocess``).
 from __future__ import annotations
 
 import importlib
+import select
 import weakref
 from typing import Any, ClassVar, Sequence
 
@@ -46,6 +47,9 @@ class ProcessWorker(Worker):
         self.progress = shared.create_memoryview().cast("d")
         self.conn = caller_end
         self.waitable = caller_end
+        # A poll object made once: Connection.poll() builds a selector per call.
+        self._has_data = select.poll()
+        self._has_data.register(caller_end.fileno(), select.POLLIN)
         self.sentinel = self.process.sentinel
         self.pid = self.process.pid
 
@@ -55,7 +59,7 @@ class ProcessWorker(Worker):
     def receive(self) -> list[Message]:
         messages: list[Message] = []
         try:
-            while self.conn.poll():
+            while self._has_data.poll(0):  # readable, or closed (then recv raises EOFError)
                 messages.extend(recv_messages(self.conn))
         except (EOFError, OSError):
             if not messages:

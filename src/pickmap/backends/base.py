@@ -26,8 +26,9 @@ __all__ = ("Backend", "Worker")
 class Worker(abc.ABC):
     """One worker, as the engine sees it.
 
-    ``waitable`` is an object ``multiprocessing.connection.wait`` can watch for
-    replies (``None``: replies are ready as soon as :meth:`send` returns).
+    ``waitable`` is a file descriptor, or an object with ``fileno()``, that
+    becomes readable when replies arrive (``None``: replies are ready as soon
+    as :meth:`send` returns).
     ``sentinel`` becomes ready when the worker dies (``None``: it cannot die).
     ``progress`` is the worker's ``[item index, start time]`` slot, written
     while a timed call runs.
