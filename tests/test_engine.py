@@ -123,6 +123,30 @@ def test_a_chunk_holds_at_most_a_tenth_of_a_second_of_work():
     assert sizes.count(2) >= 195
 
 
+def test_slow_chunks_are_not_queued_ahead_near_the_end():
+    chunker = Chunker(iter(range(48)), 48, workers=2, chunksize=None)
+    assert chunker.wants_prefetch()  # no timing yet: keep the pipes full
+    chunker.next_chunk()
+    chunker.observe(1, 0.018)
+    assert chunker.wants_prefetch()  # 47 items left: far from the end
+    decisions = []
+    while chunker.next_chunk() is not None:
+        decisions.append(chunker.wants_prefetch())
+    assert decisions[0] and not decisions[-2]  # the tail goes one chunk per worker at a time
+
+
+def test_short_chunks_and_unknown_lengths_are_always_queued_ahead():
+    fast = Chunker(iter(range(100)), 100, workers=2, chunksize=None)
+    fast.next_chunk()
+    fast.observe(1, 1e-6)
+    while fast.next_chunk() is not None:
+        assert fast.wants_prefetch()
+    endless = Chunker(itertools.count(), None, workers=2, chunksize=None)
+    endless.next_chunk()
+    endless.observe(1, 1.0)
+    assert endless.wants_prefetch()
+
+
 def test_fast_items_never_get_chunks_below_a_message_worth_of_work():
     sizes = _drain_chunks(Chunker(iter(range(200_000)), 200_000, workers=2, chunksize=None), 1e-7)
     assert sizes[0] == 1

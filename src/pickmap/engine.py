@@ -233,7 +233,7 @@ class _Run:
                 if chunk is None:
                     self.source_done = True
                     return
-            slot = self.pool.pick(self.call.inheritable())
+            slot = self.pool.pick(self.call.inheritable(), depth=None if self.chunker.wants_prefetch() else 1)
             if slot is None:
                 self.requeued.appendleft(chunk)
                 return

@@ -73,15 +73,18 @@ class WorkerPool:
         self.slots.append(slot)
         return slot
 
-    def pick(self, call: Any = None) -> Slot | None:
+    def pick(self, call: Any = None, depth: int | None = None) -> Slot | None:
         """The least busy worker with room in its queue, starting one if all are busy.
 
         ``call`` is handed to a worker started now (see ``Backend.start_worker``).
+        ``depth`` caps the chunks a worker may hold (never above the backend's
+        ``max_queued``).
         """
+        depth = self.backend.max_queued if depth is None else min(depth, self.backend.max_queued)
         best = min((s for s in self.slots if s.usable), key=lambda s: len(s.queued), default=None)
         if (best is None or best.queued) and len(self.slots) < self.size:
             return self.start_slot(call)
-        if best is None or len(best.queued) >= self.backend.max_queued:
+        if best is None or len(best.queued) >= depth:
             return None
         return best
 
