@@ -16,6 +16,13 @@ Rounds alternate the two so drifting host load hits both. It prints the
 median time per task in each case, and the ratio a zero-overhead library
 would reach on 48 tasks: ``(24 x task_both) / (48 x task_alone)``. A pool
 adds its start-up and its tail on top of that.
+
+A second measurement compares fresh interpreters: one that imports nothing
+but the workload (as the ``serial`` row of ``compare.py`` does) and one that
+first imports ``multiprocessing.pool`` (as every pool's workers have). On
+this machine the lean one runs the same pure-Python loop several per cent
+faster; any ``import`` (even ``typing``) costs it that, which points at
+memory layout rather than at anything a pool does.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,6 +75,24 @@ def _fork_tasks(count: int, loops: int) -> list[float]:
     return [float(x) for x in lines]
 
 
+_FRESH_RUN = """
+import sys, time
+{imports}
+sys.path.insert(0, {here!r})
+import workloads
+began = time.perf_counter()
+for _ in range({tasks}):
+    workloads.spin({loops})
+print((time.perf_counter() - began) / {tasks})
+"""
+
+
+def _fresh_task_time(loops: int, imports: str) -> float:
+    code = _FRESH_RUN.format(imports=imports, here=str(Path(__file__).resolve().parent), tasks=TASKS_EACH, loops=loops)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    return float(done.stdout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
@@ -83,6 +109,16 @@ def main() -> None:
     print(f"  both cores busy:         {task_both * 1000:.1f} ms  (rounds: {min(both) * 1000:.1f}–{max(both) * 1000:.1f})")
     print(f"  slowdown when both are busy: {task_both / task_alone:.3f}x")
     print(f"  best ratio any 2-worker pool can reach on 48 tasks: {task_both / (2 * task_alone):.3f} x serial")
+
+    lean: list[float] = []
+    loaded: list[float] = []
+    for _ in range(args.rounds):
+        lean.append(_fresh_task_time(loops, ""))
+        loaded.append(_fresh_task_time(loops, "import multiprocessing.pool"))
+    task_lean, task_loaded = statistics.median(lean), statistics.median(loaded)
+    print("fresh interpreters, one core busy, alternating; median time per task:")
+    print(f"  nothing imported:                  {task_lean * 1000:.1f} ms")
+    print(f"  after import multiprocessing.pool: {task_loaded * 1000:.1f} ms  ({task_loaded / task_lean:.3f}x)")
 
 
 if __name__ == "__main__":
