@@ -9,11 +9,10 @@ import time
 import pytest
 
 import pickmap
-from pickmap import SerializationError, imap, pmap
+from pickmap import imap, pmap
 from pickmap import pool as pools
 from pickmap.chunking import MAX_ADAPTIVE, Chunker
 
-import faults
 import zoo
 
 pytestmark = pytest.mark.timeout(60)
@@ -270,17 +269,3 @@ def test_fork_workers_started_by_a_call_inherit_its_callable_unserialized():
     # warm workers get it by SETUP on the next call: loaded once each
     again = pmap(func, range(16), backend="stdlib", workers=2, chunksize=1, start_method="fork")
     assert {loads for _, loads in again} == {loads_here + 1}
-
-
-def test_a_cached_verdict_still_reports_an_item_that_cannot_be_pickled():
-    from pickmap.probe import choose
-
-    # pid_of with Bomb items is probed once; the second call's verdict comes
-    # from the cache, which skips the item check: the engine's chunk dumps
-    # must still turn the bad item into a SerializationError.
-    assert len(pmap(faults.pid_of, [faults.Bomb("raise", "dump", "worker")])) == 1
-    bad = faults.Bomb("raise", "dump", "caller")
-    assert len(choose(faults.pid_of, [bad])[-1]) == 1  # one verdict: the cache answered
-    with pytest.raises(SerializationError) as caught:
-        pmap(faults.pid_of, [bad, bad])
-    assert caught.value.index == 0

@@ -101,18 +101,13 @@ def try_backend(
     name: str, func: Callable[..., Any], sample: Sequence[Any], *, setup: Any = None, load: bool = True
 ) -> tuple[Verdict, Any, Any]:
     """One backend's verdict, with the callable's and the ``setup`` (initializer,
-    initargs) pickle parts when it passes.
-
-    ``load=False`` (a cached verdict) only dumps what the call ships and skips
-    the sample items: items of the same types passed before, and every chunk
-    is dumped and checked by the engine anyway.
-    """
+    initargs) pickle parts when it passes."""
     serializer_name = get_backend(name).serializer
     reason, payload = _round_trip(serializer_name, func, "callable", load=load)
     init_payload = None
     if reason is None and setup is not None:
         reason, init_payload = _round_trip(serializer_name, setup, "initializer", load=load)
-    if reason is None and load:
+    if reason is None:
         for item in sample:
             item_reason, _ = _round_trip(serializer_name, item, "item")
             if item_reason is not None:
@@ -167,8 +162,7 @@ def choose(
     use_cache = use_cache and setup is None
     cached = _cached(func, sample) if use_cache else None
     if cached is not None:
-        # Trusted: only the dumps the call needs anyway (the callable may have
-        # changed: a lock added to its object sends it down the ladder again).
+        # Trusted: only the dumps the call needs anyway, no second loads.
         verdict, payload, init_payload = try_backend(cached, func, sample, setup=setup, load=False)
         if verdict.ok:
             return cached, payload, init_payload, (verdict,)
