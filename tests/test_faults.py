@@ -418,6 +418,21 @@ def test_timeout_counts_each_task_not_the_whole_call():
     assert got == list(range(12))
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_killed_workers_progress_never_times_out_its_successor(method):
+    # A worker killed mid-item leaves [index, start time] in its progress
+    # slot; the shared-memory heap hands that block to the next worker.
+    import gc
+
+    with pytest.raises(TaskTimeoutError):
+        pmap(faults.sleep_for, [30.0], [0], timeout=0.3, **kw("stdlib", method, workers=1))
+    gc.collect()  # free the dead worker's handle, and with it its slot
+    time.sleep(0.5)  # the stale start time is now older than the next timeout
+    got = pmap(faults.sleep_for, [0.05] * 4, range(4), timeout=0.5, **kw("stdlib", method, workers=1))
+    assert got == [0, 1, 2, 3]
+
+
 SLOW_PHASES = {
     "item-load": (faults.identity, [0, 1, 2, faults.Bomb("slow", "load", "worker"), 4, 5]),
     "result-dump": (faults.ReturnBomb(3, "slow", "dump", "worker"), range(6)),

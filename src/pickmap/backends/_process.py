@@ -28,6 +28,10 @@ class ProcessWorker(Worker):
         # Two doubles of shared memory, from multiprocessing's heap: RawArray
         # would do the same but imports ctypes (~15 ms on a first call).
         shared = importlib.import_module(f"{package}.heap").BufferWrapper(16)
+        progress = shared.create_memoryview().cast("d")
+        # The heap reuses freed blocks without clearing them: a slot left by a
+        # worker killed mid-item would read as an item running since then.
+        progress[0] = progress[1] = 0.0
         forked = start_method == "fork"
         inherited = [*_CALLER_ENDS, caller_end] if forked else []
         # Under fork, Process arguments are inherited, not pickled: the call's
@@ -44,7 +48,7 @@ class ProcessWorker(Worker):
         worker_end.close()
         _CALLER_ENDS.add(caller_end)
         self._shared = shared  # keep the shared memory alive as long as the handle
-        self.progress = shared.create_memoryview().cast("d")
+        self.progress = progress
         self.conn = caller_end
         self.waitable = caller_end
         # A poll object made once: Connection.poll() builds a selector per call.
