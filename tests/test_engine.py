@@ -128,11 +128,16 @@ def test_slow_chunks_are_not_queued_ahead_near_the_end():
     assert chunker.wants_prefetch()  # no timing yet: keep the pipes full
     chunker.next_chunk()
     chunker.observe(1, 0.018)
-    assert chunker.wants_prefetch()  # 47 items left: far from the end
-    decisions = []
-    while chunker.next_chunk() is not None:
-        decisions.append(chunker.wants_prefetch())
-    assert decisions[0] and not decisions[-2]  # the tail goes one chunk per worker at a time
+    decisions = []  # (size of the chunk, may it be queued), asked before taking it
+    while True:
+        prefetch = chunker.wants_prefetch()
+        got = chunker.next_chunk()
+        if got is None:
+            break
+        decisions.append((len(got[1]), prefetch))
+    assert decisions[0] == (5, True)  # 47 items left: far from the end
+    assert [p for size, p in decisions if size < 5] == [False] * sum(1 for size, _ in decisions if size < 5)
+    assert decisions[-1] == (1, False)  # the tail goes one chunk per worker at a time
 
 
 def test_short_chunks_and_unknown_lengths_are_always_queued_ahead():

@@ -87,7 +87,7 @@ class Chunker:
         return start, items
 
     def wants_prefetch(self) -> bool:
-        """Whether a worker may get a chunk queued behind the one it runs.
+        """Whether the next chunk may be queued behind a chunk a worker runs.
 
         Queuing hides the round trip between two chunks (~0.5 ms when the
         cores are busy), so it is the rule. The exception is the end of a

@@ -164,7 +164,7 @@ def _wait_ready(waitables: list[Any], timeout: float | None) -> list[Any]:
         fd = waitable if isinstance(waitable, int) else waitable.fileno()
         by_fd[fd] = waitable
         poller.register(fd, select.POLLIN)
-    events = poller.poll(None if timeout is None else math.ceil(timeout * 1000))
+    events = poller.poll(None if timeout is None else math.ceil(max(timeout, 0.0) * 1000))
     return [by_fd[fd] for fd, _ in events]
 
 
@@ -222,6 +222,8 @@ class _Run:
         while self.failure is None and len(self.inflight) < self.limit and (
             self.cap is None or len(self.inflight) + len(self.finished) < self.cap
         ):
+            # Asked before a new chunk is taken, so it judges that chunk.
+            depth = None if self.chunker.wants_prefetch() else 1
             if self.requeued:
                 chunk = self.requeued.popleft()
                 if self.failed_seq is not None and chunk.seq > self.failed_seq:
@@ -233,7 +235,7 @@ class _Run:
                 if chunk is None:
                     self.source_done = True
                     return
-            slot = self.pool.pick(self.call.inheritable(), depth=None if self.chunker.wants_prefetch() else 1)
+            slot = self.pool.pick(self.call.inheritable(), depth=depth)
             if slot is None:
                 self.requeued.appendleft(chunk)
                 return
