@@ -26,7 +26,7 @@ class ProcessWorker(Worker):
         context = importlib.import_module(package).get_context(start_method)
         caller_end, worker_end = context.Pipe(duplex=True)
         # Two doubles of shared memory, from multiprocessing's heap: RawArray
-        # would do the same but imports ctypes (~15 ms on a first call).
+        # would do the same but imports ctypes (6-9 ms on a first call here).
         shared = importlib.import_module(f"{package}.heap").BufferWrapper(16)
         progress = shared.create_memoryview().cast("d")
         # The heap reuses freed blocks without clearing them: a slot left by a
