@@ -3,9 +3,10 @@
 ``execute`` yields lists of results, one per chunk, while it
 
 1. pulls a chunk from the :class:`~pickmap.chunking.Chunker` only when a worker
-   has room (at most ``max_queued`` chunks per worker, and in streaming mode
-   at most twice that many chunks dispatched but not yet consumed), so memory
-   stays bounded whatever the input's length;
+   has room (at most ``max_queued`` chunks per worker — one near the end of a
+   known-length input with slow chunks, see ``Chunker.wants_prefetch`` — and
+   in streaming mode at most twice that many chunks dispatched but not yet
+   consumed), so memory stays bounded whatever the input's length;
 2. sends the call's SETUP (the callable, once per worker per call) before a
    worker's first chunk, then the chunk — a worker forked during the call
    inherits the callable instead, and payloads of 1 MiB or more travel once
