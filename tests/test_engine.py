@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import time
 
+import numpy
 import pytest
 
 import pickmap
@@ -225,23 +227,46 @@ def test_cache_does_not_keep_closures_alive():
     assert ref() is None
 
 
-def _spills():
-    from pickmap.engine import _SPILL_DIR
+def _segments():
+    from pickmap import _shm
 
-    return {name for name in os.listdir(_SPILL_DIR) if name.startswith(f"pickmap-{os.getpid()}-")}
+    mine = f"pickmap-{os.getpid()}-"
+    return {name for folder in _shm.segment_dirs() for name in os.listdir(folder) if name.startswith(mine)}
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_large_callable_travels_through_a_spill_file_once(method):
+def test_a_large_callable_is_shared_once_across_calls_and_removed_with_its_object(method):
     big = zoo.Big()
-    before = _spills()
-    assert pmap(big.size_plus, range(20), backend="stdlib", workers=2, start_method=method) == [
-        len(big.data) + i for i in range(20)
-    ]
-    assert _spills() == before  # removed when the call ended
+    before = _segments()
+    expected = [len(big.data) + i for i in range(20)]
+    for _ in range(3):
+        assert pmap(big.size_plus, range(20), backend="stdlib", workers=2, start_method=method) == expected
+    kept = _segments() - before
+    assert len(kept) == 1  # one copy in shared memory, served to every call
+    assert pmap(big.size_plus, range(20), backend="stdlib", workers=2, start_method=method) == expected
+    assert _segments() - before == kept
     with pytest.raises(ValueError):
         pmap(big.fail, range(20), backend="cloudpickle", workers=2, start_method=method)
-    assert _spills() == before
+    del big
+    gc.collect()
+    assert _segments() == before  # removed with its object
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_an_object_changed_between_calls_is_sent_again(method):
+    big = zoo.Big()
+    kw = dict(backend="stdlib", workers=2, start_method=method, chunksize=1)
+    first = int(big.data[0])
+    assert pmap(big.first_byte_plus_offset, [0, 0, 0], **kw) == [first] * 3
+    assert pmap(big.first_byte_plus_offset, [0, 0, 0], **kw) == [first] * 3
+    big.data[0] = (first + 1) % 256  # in place, inside the large buffer
+    assert pmap(big.first_byte_plus_offset, [0, 0, 0], **kw) == [(first + 1) % 256] * 3
+    big.offset = 1000  # a small attribute
+    assert pmap(big.first_byte_plus_offset, [0, 0, 0], **kw) == [(first + 1) % 256 + 1000] * 3
+    before = _segments()
+    del big
+    gc.collect()
+    assert len(before - _segments()) == 1
 
 
 @pytest.mark.parametrize("run", range(6))
@@ -265,12 +290,12 @@ def test_serial_always_uses_one_worker(monkeypatch):
 
 def test_fork_workers_started_by_a_call_inherit_its_callable_unserialized():
     pickmap.shutdown()
-    func = zoo.CountsLoads(b"y" * (2 * 2**20))  # above the spill threshold
-    before = _spills()
+    func = zoo.CountsLoads(numpy.ones(2**18))  # large enough for shared memory
+    before = _segments()
     results = pmap(func, range(16), backend="stdlib", workers=2, chunksize=1, start_method="fork")
     loads_here = zoo.CountsLoads.loads_in_this_process  # the probe's trial load, before the fork
     assert {loads for _, loads in results} == {loads_here}  # no worker loaded it
-    assert _spills() == before
+    assert _segments() == before
     # warm workers get it by SETUP on the next call: loaded once each
     again = pmap(func, range(16), backend="stdlib", workers=2, chunksize=1, start_method="fork")
     assert {loads for _, loads in again} == {loads_here + 1}

@@ -117,9 +117,10 @@ def test_registry_lists_and_registers_backends():
     class Mine(Backend):
         name = "mine"
         serializer = "identity"
-        isolated = False
+        processes = False
+        start_methods = False
 
-        def start_worker(self, start_method, idle_timeout, call=None):
+        def start_worker(self, start):
             from pickmap.backends.serial import InlineWorker
 
             return InlineWorker()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import os
+
+import numpy
 import threading
 import time
 
@@ -163,13 +165,17 @@ def _rebuild_counted(payload):
 
 
 class Big:
-    """Holds a payload larger than the spill threshold."""
+    """Holds a buffer large enough for shared memory."""
 
     def __init__(self, size=3 * 2**20):
-        self.data = os.urandom(size)
+        self.data = numpy.frombuffer(os.urandom(size), dtype=numpy.uint8).copy()
+        self.offset = 0
 
     def size_plus(self, x):
         return len(self.data) + x
+
+    def first_byte_plus_offset(self, x):
+        return int(self.data[0]) + self.offset + x
 
     def fail(self, x):
         raise ValueError(x)

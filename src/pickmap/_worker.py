@@ -1,128 +1,97 @@
-"""The worker side of pickmap, and the messages that cross to it.
+"""The worker side of pickmap: the code every worker runs, whatever starts it.
 
-Every backend runs this same code; only the channel differs (a pipe to a
-process, a queue to a thread, a direct call for ``serial``). Data flow for
-one ``pmap`` call on a process backend::
+Only the channel differs: frames on a pipe to a pickmap process, a mailbox to
+a thread, a direct call for ``serial``, a submitted :func:`run_job` for an
+executor or a cluster. Data flow for one ``pmap`` call (records from
+``_protocol.py``, transports from ``_wire.py``)::
 
-    caller thread (engine.py)                            worker process (this module)
-    ─────────────────────────                            ─────────────────────────────
-    probe: serialize func once ──┐
-                                 │  SETUP(call, flags) + func bytes [+ initializer]
-    first chunk for this worker ─┤  (>= 1 MiB: bytes written once to a spill file
-                                 │   on tmpfs; SETUP names the file)
-                                 └───────────────────────────────▶ loads func, run
-                                                                   initializer, keep
-                                                                   both for this call
-    chunker: next items ─▶ dumps ─  CHUNK(call, seq, start) + items bytes
-                                  ───────────────────────────────▶ loads items,
-                                                                   results = map(func)
-                                    RESULT(seq, seconds) + results bytes
-    ordered/unordered emit ◀───────────────────────────────────── dumps results
-                                    ERROR(seq, index, repr, traceback) + exception
-                                                                   (+ results before it)
-                                    UNSENDABLE(seq, index, type, reason)
-                                                                   a result that cannot
-                                                                   be serialized
-                                    SETUP_FAILED(call, stage, index, repr, traceback) + exception
-                                                                   callable, initializer or
-                                                                   items could not load/run
-                                    BYE                            idle too long: exits
-                                                                   without reading more
-                                    READY                          sent once at start-up, so
-                                                                   a death before it is told
-                                                                   apart from a crash
+    caller thread (engine.py)                            worker (this module)
+    ─────────────────────────                            ────────────────────
+    probe: dump func once (protocol 5,
+    large buffers out of band, uncopied)
+    large buffers -> one shared-memory
+    segment, kept across calls while the
+    object is unchanged ──────────┐
+                                  │  Setup(CallSpec, func [, initializer])
+    first task for this worker ───┤  (sticky workers: once per worker per call;
+                                  │   executors: inside every Job)
+                                  └──────────────────────────────▶ load func (buffers are
+                                                                   read-only views of the
+                                                                   segment), run initializer
+    chunker: next items ─▶ dump ──  Task(call, seq, start, items)
+    (large buffers: a segment the   ──────────────────────────────▶ load items (private,
+     worker unlinks once mapped)                                    copy-on-write views)
+                                                                    results = map(func)
+                                    Result(seq, seconds, results)
+    ordered/unordered emit ◀──────────────────────────────────────── dump results (large
+    (maps and unlinks result                                        buffers: a segment)
+     segments at once)
+                                    Raised(seq, index, repr, traceback, exc, partial)
+                                    Unsendable(seq, index, type, reason)
+                                    SetupFailed(call, stage, index, repr, traceback, exc)
+                                    Bye      idle too long: exits without reading more
+                                    Ready    sent once at start-up, so a death before
+                                             it is told apart from a crash
     engine also waits on the process sentinel (death), and reads the shared
     progress slot [item index, start time] to enforce ``timeout=`` per item.
 
-A worker holds one call's callable at a time: a SETUP for a new call replaces
-the previous callable, so nothing leaks from one call into the next. At most
-two chunks are queued per worker (see engine.py), so a pipe never holds more
-than a bounded amount of work.
-
-Messages are ``(header, payloads)``: ``header`` is a small tuple whose first
-field is the kind; ``payloads`` holds serialized blobs (bytes for processes,
-objects for threads). Each write carries a batch of messages (SETUP and the
-first CHUNK go together, so a warm worker wakes once). On a pipe a small batch
-is one frame; payloads over 1 MiB follow as raw frames, never copied into a
-second pickle.
+A worker holds one call's callable at a time: a Setup for a new call replaces
+the previous callable, so nothing leaks from one call into the next. The
+caller never blocks on a write (``_wire.Outbox``), and a reader thread in each
+worker process drains its pipe, so a large chunk going one way and a large
+result the other can never deadlock.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
-import mmap
-import pickle
+import os
 import queue
 import signal
 import threading
 import time
 import traceback
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
+from . import _wire
+from ._protocol import (
+    Bye,
+    CallSpec,
+    Job,
+    Message,
+    Raised,
+    Ready,
+    Result,
+    Setup,
+    SetupFailed,
+    Stop,
+    Task,
+    Unsendable,
+)
 from .serializers import Serializer, get_serializer
 
-# Message kinds, caller -> worker.
-SETUP, CHUNK, STOP = 1, 2, 3
-# Message kinds, worker -> caller.
-RESULT, ERROR, UNSENDABLE, SETUP_FAILED, BYE, READY = 11, 12, 13, 14, 15, 16
+__all__ = ("in_worker", "mark_worker", "WorkerState", "serve", "run_job", "process_main", "run_items")
 
-Header = tuple
-Message = tuple[Header, Sequence[Any]]
-
-
-
-class Spill(NamedTuple):
-    """A large payload (a 50 MB ``self``) parked once in a file, on tmpfs where
-    there is one, instead of being pushed through every worker's pipe."""
-
-    path: str
-
-
-def load_payload(serializer: Serializer, payload: Any) -> Any:
-    if isinstance(payload, Spill):
-        with open(payload.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            return serializer.loads(view)
-    return serializer.loads(payload)
-
-
-# Set in every pickmap worker (process or thread); nested pmap calls read it.
+# Set in every pickmap worker process; nested pmap calls read it (and the thread-local below).
 _IN_WORKER = False
-_INLINE_FRAME_LIMIT = 1 << 20
+_THREAD = threading.local()
 
 
 def in_worker() -> bool:
-    """True inside a pickmap worker process or worker thread."""
-    return _IN_WORKER or getattr(threading.current_thread(), "_pickmap_worker", False)
+    """True inside a pickmap worker process, worker thread, or a task an executor runs for pickmap."""
+    return _IN_WORKER or getattr(_THREAD, "in_task", False) or getattr(threading.current_thread(), "_pickmap_worker", False)
 
 
-# --------------------------------------------------------------------------- pipe framing
-def send_messages(conn: Any, messages: Sequence[Message]) -> None:
-    """Write messages on a multiprocessing Connection: one frame when small.
+class mark_worker:
+    """Context manager: the current thread runs pickmap work (nested calls run in place)."""
 
-    A SETUP and the first CHUNK go together, so a warm worker is woken once
-    per call. Large payloads follow the control frame as raw frames, so a
-    50 MB callable is never copied into a second pickle.
-    """
-    if sum(len(p) for _, payloads in messages for p in payloads if isinstance(p, bytes)) <= _INLINE_FRAME_LIMIT:
-        conn.send_bytes(pickle.dumps(tuple(messages), pickle.HIGHEST_PROTOCOL))
-        return
-    # Split: bytes payloads become the marker 0 here and follow as raw frames.
-    control = tuple(
-        (header, tuple(0 if isinstance(p, bytes) else p for p in payloads)) for header, payloads in messages
-    )
-    conn.send_bytes(pickle.dumps(control, pickle.HIGHEST_PROTOCOL))
-    for _, payloads in messages:
-        for payload in payloads:
-            if isinstance(payload, bytes):
-                conn.send_bytes(payload)
+    def __enter__(self) -> None:
+        self._before = getattr(_THREAD, "in_task", False)
+        _THREAD.in_task = True
 
-
-def recv_messages(conn: Any) -> list[Message]:
-    messages = []
-    for header, payloads in pickle.loads(conn.recv_bytes()):
-        payloads = tuple(conn.recv_bytes() if isinstance(p, int) else p for p in payloads)
-        messages.append((header, payloads))
-    return messages
+    def __exit__(self, *exc: object) -> None:
+        _THREAD.in_task = self._before
 
 
 # --------------------------------------------------------------------------- running items
@@ -183,26 +152,31 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
 
 
 class WorkerState:
-    """One worker's memory between messages: the current call's callable and flags."""
+    """One worker's memory between messages: the current call's callable and flags.
 
-    def __init__(self, serializer: Serializer, progress: Any = None) -> None:
-        self.serializer = serializer
+    ``share_results`` (a process on the caller's machine) puts large result
+    buffers in shared memory; ``mappings`` keeps a callable's segments mapped
+    across calls.
+    """
+
+    def __init__(self, progress: Any = None, *, share_results: bool = False) -> None:
         self.progress = progress
-        self.call_id: int | None = None
+        self.share_results = share_results
+        self.mappings = _wire.Mappings()
+        self.spec: CallSpec | None = None
+        self.serializer: Serializer = get_serializer("identity")
         self.func: Callable[..., Any] | None = None
-        self.star = self.collect = self.timed = False
 
-    def handle(self, header: Header, payloads: Sequence[Any]) -> list[Message]:
-        kind = header[0]
-        if kind == SETUP:
-            return self._setup(header, payloads)
-        if kind == CHUNK:
-            return self._chunk(header, payloads)
-        raise ValueError(f"unknown message kind {kind!r}")
+    def handle(self, message: Message) -> list[Message]:
+        if isinstance(message, Setup):
+            return self._setup(message)
+        if isinstance(message, Task):
+            return self._task(message)
+        raise ValueError(f"unknown message {type(message).__name__}")
 
-    def adopt(self, inherited: tuple[Any, ...]) -> list[Message]:
+    def adopt(self, spec: CallSpec, func: Callable[..., Any], setup: Any) -> list[Message]:
         """Take a call handed over by fork: the callable is already in memory."""
-        self.call_id, func, setup, self.star, self.collect, self.timed = inherited
+        self._begin(spec)
         if setup is not None:
             initializer, initargs = setup
             try:
@@ -212,26 +186,39 @@ class WorkerState:
         self.func = func
         return []
 
+    def _begin(self, spec: CallSpec) -> None:
+        self.spec = spec
+        self.serializer = get_serializer(spec.serializer)
+        self.func = None  # drop the previous call's callable before anything else
+
+    def _load(self, payload: Any) -> Any:
+        return self.serializer.load(self.mappings.resolve(payload))
+
+    def _dump(self, obj: Any) -> Any:
+        payload = self.serializer.dump(obj)
+        if self.share_results:
+            payload = _wire.share(payload, transient=True, writer=f"w{os.getpid()}")
+        return payload
+
     def _clock(self, index: float) -> None:
         """With ``timeout=``: the task at ``index`` starts now (-1: loading the callable; -2: idle).
 
         Loading items and dumping results count as part of their task, so a
         slow ``__reduce__`` is caught by the timeout too.
         """
-        if self.timed and self.progress is not None:
+        if self.spec is not None and self.spec.timed and self.progress is not None:
             self.progress[1] = 0.0 if index == -2 else time.monotonic()
             self.progress[0] = index
 
-    def _setup(self, header: Header, payloads: Sequence[Any]) -> list[Message]:
-        _, self.call_id, self.star, self.collect, self.timed = header
-        self.func = None  # drop the previous call's callable before anything else
+    def _setup(self, setup: Setup) -> list[Message]:
+        self._begin(setup.call)
         stage = "callable"
         self._clock(-1)
         try:
-            func = load_payload(self.serializer, payloads[0])
-            if len(payloads) > 1:
+            func = self._load(setup.func)
+            if setup.init is not None:
                 stage = "initializer-load"
-                initializer, initargs = load_payload(self.serializer, payloads[1])
+                initializer, initargs = self._load(setup.init)
                 stage = "initializer"
                 initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001
@@ -242,44 +229,45 @@ class WorkerState:
         return []
 
     def _failure(self, stage: str, index: int | None, exc: BaseException) -> Message:
-        header = (SETUP_FAILED, self.call_id, stage, index, *describe_exception(exc))
-        return header, (self._dump_or_none(exc),)
+        call_id = self.spec.id if self.spec is not None else -1
+        return SetupFailed(call_id, stage, index, *describe_exception(exc), self._dump_or_none(exc))
 
-    def _chunk(self, header: Header, payloads: Sequence[Any]) -> list[Message]:
-        _, call_id, seq, start = header
-        if call_id != self.call_id or self.func is None:
+    def _task(self, task: Task) -> list[Message]:
+        spec = self.spec
+        if spec is None or task.call_id != spec.id or self.func is None:
             return []  # setup failed and was reported; the caller is already raising
         try:
-            self._clock(start)
+            self._clock(task.start)
             try:
-                items = self.serializer.loads(payloads[0])
+                items = self._load(task.items)
             except BaseException as exc:  # noqa: BLE001
-                return [self._failure("items", start, exc)]
+                return [self._failure("items", task.start, exc)]
             began = time.perf_counter()
-            progress = self.progress if self.timed else None
+            progress = self.progress if spec.timed else None
             results, failed_at, exc = run_items(
-                self.func, items, start, star=self.star, collect=self.collect, progress=progress
+                self.func, items, task.start, star=spec.star, collect=spec.collect, progress=progress
             )
             elapsed = time.perf_counter() - began
             if exc is not None:
-                header = (ERROR, seq, failed_at, *describe_exception(exc))
-                return [(header, (self._dump_or_none(exc), self._dump_or_none(results)))]
-            if self.collect:
+                assert failed_at is not None
+                exc_repr, remote_tb = describe_exception(exc)
+                return [Raised(task.seq, failed_at, exc_repr, remote_tb, self._dump_or_none(exc), self._dump_or_none(results))]
+            if spec.collect:
                 results = [self._sendable_exception(r) if isinstance(r, BaseException) else r for r in results]
-            self._clock(start + max(len(results) - 1, 0))
+            self._clock(task.start + max(len(results) - 1, 0))
             try:
-                blob = self.serializer.dumps(results)
+                payload = self._dump(results)
             except BaseException as exc:  # noqa: BLE001
-                index, bad = self._first_unsendable(results, start)
+                index, bad = self._first_unsendable(results, task.start)
                 reason = f"{type(exc).__name__}: {_safe_text(lambda: str(exc), exc)}"
-                return [((UNSENDABLE, seq, index, type(bad).__qualname__, reason), ())]
-            return [((RESULT, seq, elapsed), (blob,))]
+                return [Unsendable(task.seq, index, type(bad).__qualname__, reason)]
+            return [Result(task.seq, elapsed, payload)]
         finally:
             self._clock(-2)
 
     def _dump_or_none(self, obj: Any) -> Any:
         try:
-            return self.serializer.dumps(obj)
+            return self._dump(obj)
         except BaseException:  # noqa: BLE001 - the repr/traceback still travel
             return None
 
@@ -288,7 +276,7 @@ class WorkerState:
         if not self.serializer.by_value:
             return exc
         try:
-            self.serializer.loads(self.serializer.dumps(exc))
+            self.serializer.load(self.serializer.dump(exc))
             return exc
         except BaseException:  # noqa: BLE001
             from .errors import WorkerError
@@ -304,23 +292,68 @@ class WorkerState:
 
     def _first_unsendable(self, results: list[Any], start: int) -> tuple[int, Any]:
         for offset, result in enumerate(results):
-            if self._dump_or_none(result) is None:
+            try:
+                self.serializer.dump(result)
+            except BaseException:  # noqa: BLE001
                 return start + offset, result
         return start, results  # the list as a whole failed (should not happen)
 
 
-def serve(
-    recv: Callable[[], Sequence[Message]], send: Callable[[list[Message]], None], state: WorkerState
-) -> None:
-    """The worker loop shared by process and thread workers."""
+def serve(recv: Callable[[], Sequence[Message]], send: Callable[[list[Message]], None], state: WorkerState) -> None:
+    """The loop of a sticky worker (process or thread)."""
     while True:
         replies: list[Message] = []
-        for header, payloads in recv():
-            if header[0] == STOP:
+        for message in recv():
+            if isinstance(message, Stop):
                 return
-            replies.extend(state.handle(header, payloads))
+            replies.extend(state.handle(message))
         if replies:
             send(replies)
+
+
+# --------------------------------------------------------------------------- self-contained tasks
+# (caller token, call id) -> the state that loaded that call's callable, most recent last.
+_JOB_STATES: collections.OrderedDict[tuple[str, int], WorkerState] = collections.OrderedDict()
+_JOB_LOCK = threading.Lock()
+_JOB_STATES_KEPT = 4
+
+
+def run_job(job: Job | bytes) -> list[Message] | bytes:
+    """Run one self-contained task: the entry point any executor or cluster runs for pickmap.
+
+    ``job`` is a :class:`~pickmap._protocol.Job`, or its blob (``_wire.to_blob``)
+    where the executor pickles what it carries; the replies come back in the
+    same form. The callable is loaded once per process per call (cached by
+    caller token and call id), and the running thread counts as a pickmap
+    worker, so a nested ``pmap`` inside the task runs in place.
+    """
+    blob = isinstance(job, (bytes, bytearray, memoryview))
+    if blob:
+        (loaded,) = _wire.from_blob(bytes(job))
+        assert isinstance(loaded, Job)
+        job = loaded
+    assert isinstance(job, Job)
+    spec = job.setup.call
+    key = (spec.token, spec.id)
+    with _JOB_LOCK:
+        state = _JOB_STATES.get(key)
+        if state is not None:
+            _JOB_STATES.move_to_end(key)
+    replies: list[Message] = []
+    with mark_worker():
+        if state is None:
+            if spec.share:
+                _wire.set_caller_pid(spec.caller_pid)  # result segments are named after the caller
+            state = WorkerState(share_results=blob and spec.share)
+            replies = state.handle(job.setup)
+            if state.func is not None:
+                with _JOB_LOCK:
+                    _JOB_STATES[key] = state
+                    while len(_JOB_STATES) > _JOB_STATES_KEPT:
+                        _JOB_STATES.popitem(last=False)
+        if state.func is not None:
+            replies.extend(state.handle(job.task))
+    return _wire.to_blob(replies) if blob else replies
 
 
 # --------------------------------------------------------------------------- process entry point
@@ -336,37 +369,39 @@ def _close_inherited(fds: Sequence[Any]) -> None:
 
 def process_main(
     conn: Any,
-    serializer_name: str,
     progress: Any,
     idle_timeout: float,
+    caller_pid: int,
     inherited: Sequence[Any],
-    call: tuple[Any, ...] | None = None,
+    adopted: tuple[CallSpec, Callable[..., Any], Any] | None = None,
 ) -> None:
-    """Entry point of a worker process (the ``target`` of ``Process``).
+    """Entry point of a pickmap worker process (the ``target`` of ``Process``).
 
-    ``call`` is set only for a worker forked during a call: that call's
-    callable and initializer, inherited with the process's memory, so they are
-    never serialized for this worker.
+    ``adopted`` is set only for a worker forked during a call: that call's
+    spec, callable and initializer, inherited with the process's memory, so
+    they are never serialized for this worker.
     """
     global _IN_WORKER
     _IN_WORKER = True
     # Ctrl-C goes to the whole process group; the caller decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _close_inherited(inherited)
+    _wire.set_caller_pid(caller_pid)
     view = progress.create_memoryview().cast("d") if progress is not None else None
-    state = WorkerState(get_serializer(serializer_name), view)
+    state = WorkerState(view, share_results=True)
+    fd = conn.fileno()
+    os.set_blocking(fd, True)
 
     # A reader thread drains the pipe into a queue, so the caller's writes
-    # always complete while this worker lives. Without it, a caller writing a
-    # large chunk and a worker writing a large result to each other would
-    # both block forever.
+    # always complete while this worker lives. If it fails (MemoryError on a
+    # huge frame), the worker exits: the caller sees a death, never a hang.
     inbox: queue.SimpleQueue[list[Message] | None] = queue.SimpleQueue()
 
     def read_forever() -> None:
         try:
             while True:
-                inbox.put(recv_messages(conn))
-        except (EOFError, OSError):
+                inbox.put(_wire.read_frame(fd))
+        except BaseException:  # noqa: BLE001 - EOF, or anything else: stop the worker
             inbox.put(None)
 
     threading.Thread(target=read_forever, name="pickmap-reader", daemon=True).start()
@@ -377,14 +412,17 @@ def process_main(
         except queue.Empty:
             # Idle too long: say so and leave. The caller re-queues anything it
             # sent after our last reply: we never run it.
-            send_messages(conn, [((BYE,), ())])
+            _wire.write_frame(fd, [Bye()])
             raise SystemExit(0) from None
         if batch is None:
             raise EOFError
         return batch
 
     try:
-        send_messages(conn, [((READY,), ()), *(state.adopt(call) if call is not None else [])])
-        serve(recv, lambda replies: send_messages(conn, replies), state)
+        first: list[Message] = [Ready(os.getpid())]
+        if adopted is not None:
+            first.extend(state.adopt(*adopted))
+        _wire.write_frame(fd, first)
+        serve(recv, lambda replies: _wire.write_frame(fd, replies), state)
     except (EOFError, OSError, SystemExit):
         pass  # the caller went away or we said BYE; Process._bootstrap flushes and exits

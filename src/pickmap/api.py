@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 from . import pool as pools
 from ._settings import check_positive_int, check_timeout, resolve_idle_timeout, resolve_start_method, resolve_workers
 from ._worker import in_worker
+from .backends.base import Backend
 from .chunking import Chunker, input_length
 from .engine import Call, execute
 from .errors import SerializationError
@@ -72,7 +73,7 @@ def _prepare(
     func: Callable[..., Any],
     iterables: tuple[Any, ...],
     *,
-    backend: str | None,
+    backend: Any,
     workers: int | None,
     chunksize: int | None,
     timeout: float | None,
@@ -86,7 +87,7 @@ def _prepare(
     method = resolve_start_method(start_method)
     idle_timeout = resolve_idle_timeout()
     name, source = select_backend(backend)
-    if in_worker() and name not in _NESTED_OK:
+    if in_worker() and not (isinstance(name, str) and name in _NESTED_OK):
         # Nested call inside a worker: run in place, never start processes
         # from a worker (no process explosion, no deadlock on a full pool).
         name, source = "serial", "nested"
@@ -99,6 +100,7 @@ def _prepare(
         items = itertools.chain(sample, items)
 
     setup = None if initializer is None else (initializer, tuple(initargs))
+    chosen: Backend | None = name if isinstance(name, Backend) else None
     if name is None:
         # explain() probes afresh, so its verdict table and its choice agree.
         name, payload, init_payload, verdicts = choose(func, sample, setup, use_cache=not explaining)
@@ -109,27 +111,30 @@ def _prepare(
         verdicts = (verdict,)
     if explaining:
         verdicts = all_verdicts(func, sample, setup)
-        if name not in LADDER:
-            verdicts += (try_backend(name, func, sample, setup=setup)[0],)
+        if chosen is not None or name not in LADDER:
+            verdicts += (try_backend(chosen or name, func, sample, setup=setup)[0],)
 
-    chosen = get_backend(name)
+    if chosen is None:
+        chosen = get_backend(name)
     size = resolve_workers(workers, chosen.default_workers())
     if chosen.max_workers is not None:
         size = min(size, chosen.max_workers)
-    plan = Plan(name, source, size, method if chosen.isolated else None, tuple(verdicts))
+    plan = Plan(chosen.name, source, size, method if chosen.start_methods else None, tuple(verdicts))
     if not sample:
         return _Prepared(plan, None, None, idle_timeout)
 
     call = Call(
         func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout,
-        forced=source in ("argument", "environment"),
+        forced=source in ("argument", "environment"), setup_objects=setup,
     )  # fmt: skip
-    call.setup = setup
+    if call.timed and not chosen.reports_progress:
+        chunksize = 1  # no per-item progress: each task's clock starts when its one item is handed over
     chunker = Chunker(items, input_length(iterables), size, chunksize, func)
     return _Prepared(plan, call, chunker, idle_timeout)
 
 
-def _raise_cannot_carry(name: str, source: str, verdict: Verdict, func: Any, sample: list[Any], setup: Any) -> None:
+def _raise_cannot_carry(name: str | Backend, source: str, verdict: Verdict, func: Any, sample: list[Any], setup: Any) -> None:
+    name = name.name if isinstance(name, Backend) else name
     capable = [v.backend for v in all_verdicts(func, sample, setup) if v.ok and v.backend != name]
     where = {"argument": "backend=", "environment": "PICKMAP_BACKEND"}.get(source, source)
     raise SerializationError(
@@ -164,7 +169,7 @@ def _stream(chunks: Iterator[list[Any]]) -> Iterator[Any]:
 def pmap(
     func: Callable[..., Any],
     *iterables: Iterable[Any],
-    backend: str | None = None,
+    backend: Any = None,
     workers: int | None = None,
     chunksize: int | None = None,
     timeout: float | None = None,
@@ -203,7 +208,7 @@ def imap(
     func: Callable[..., Any],
     *iterables: Iterable[Any],
     ordered: bool = True,
-    backend: str | None = None,
+    backend: Any = None,
     workers: int | None = None,
     chunksize: int | None = None,
     timeout: float | None = None,
@@ -229,7 +234,7 @@ def imap(
     return _stream(_run(prepared, ordered=ordered, eager_errors=not ordered, bounded=True))
 
 
-def explain(func: Callable[..., Any], *iterables: Iterable[Any], backend: str | None = None) -> Plan:
+def explain(func: Callable[..., Any], *iterables: Iterable[Any], backend: Any = None) -> Plan:
     """What :func:`pmap` would do with these arguments, without running anything.
 
     Returns a :class:`~pickmap.probe.Plan`: ``plan.backend``, ``plan.source``

@@ -7,169 +7,134 @@
    known-length input with slow chunks, see ``Chunker.wants_prefetch`` — and
    in streaming mode at most twice that many chunks dispatched but not yet
    consumed), so memory stays bounded whatever the input's length;
-2. sends the call's SETUP (the callable, once per worker per call) before a
-   worker's first chunk, then the chunk — a worker forked during the call
-   inherits the callable instead, and payloads of 1 MiB or more travel once
-   through a spill file rather than through every worker's pipe;
-3. waits with ``poll(2)`` on every worker's pipe and process sentinel, so a
-   reply, a death or a timeout wakes it — never a hang;
+2. sends the call's Setup before a sticky worker's first chunk, or a
+   self-contained Job per chunk to an executor-like backend; a worker forked
+   during the call inherits the callable instead, and large buffers travel
+   through shared memory (``_wire``, ``_shipping``), never blocking the loop;
+3. waits (``_waiting``) on every worker's replies, deaths and unwritten
+   output, so a reply, a death or a deadline wakes it — never a hang;
 4. emits results in input order (buffering out-of-order chunks) or in
-   completion order, and turns worker replies into the caller's exceptions.
+   completion order; replies become results or the caller's exceptions in
+   ``_replies``, deaths and timeouts in ``_deaths``.
 
-There is no background thread: Ctrl-C lands here, in ``wait``, and the
+There is no background thread: Ctrl-C lands here, in the wait, and the
 ``finally`` clause hands the pool to :meth:`WorkerPool.end_call`, which kills
 whatever is still running.
 """
 
 from __future__ import annotations
 
-import atexit
 import collections
 import itertools
-import math
-import os
-import select
-import signal
-import tempfile
 import time
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
-from ._worker import BYE, CHUNK, ERROR, READY, RESULT, SETUP, SETUP_FAILED, UNSENDABLE, Spill
-from .backends.base import Backend
+from . import _deaths, _replies, _shipping, _shm, _waiting, _wire
+from ._protocol import CALLER_TOKEN, Bye, CallSpec, Job, Lost, Message, Raised, Ready, Result, Setup, SetupFailed, Task, Unsendable
+from .backends.base import Backend, Inheritance
 from .chunking import Chunker
-from .errors import RemoteTraceback, SerializationError, TaskTimeoutError, WorkerCrashedError, WorkerError
+from .errors import WorkerCrashedError
 from .pool import Slot, WorkerPool
 from .serializers import Serializer, copies_locks, get_serializer
 
-__all__ = ("Call", "execute")
+__all__ = ("Call", "Chunk", "execute")
 
 _call_ids = itertools.count(1)
-_THREAD_POLL = 1.0  # seconds; threads have no sentinel, so check on them this often
-
-
-SPILL_BYTES = 1 << 20  # payloads this large go through a file, not every worker's pipe
-_SPILL_DIR = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-_LIVE_SPILLS: set[str] = set()
-
-
-def _remove_spills(paths: Iterable[str]) -> None:
-    for path in list(paths):
-        _LIVE_SPILLS.discard(path)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-atexit.register(lambda: _remove_spills(_LIVE_SPILLS))
 
 
 class Call:
     """Everything the engine needs to know about one ``pmap``/``imap`` call.
 
-    ``func_parts``/``init_parts`` are what the probe produced: pickle pieces
-    (process backends) or the objects themselves (threads, serial). They are
-    turned into what travels (:meth:`setup_payloads`) once, on first use.
+    ``func_payload``/``init_payload`` are what the probe produced: a
+    ``Pickled`` (process backends) or the objects themselves (threads,
+    serial). Large buffers are moved to shared memory once, on first use.
     """
 
     def __init__(
         self,
         func: Callable[..., Any],
         backend: Backend,
-        func_parts: Any,
-        init_parts: Any = None,
+        func_payload: Any,
+        init_payload: Any = None,
         *,
         star: bool = False,
         collect: bool = False,
         timeout: float | None = None,
         forced: bool = False,
+        setup_objects: Any = None,
     ) -> None:
         self.func = func
         self.forced = forced  # the backend was named by the caller, not chosen by the probe
         self.backend = backend
-        self.star = star
-        self.collect = collect
         self.timeout = timeout
-        self.id = next(_call_ids)
+        self.setup_objects = setup_objects  # (initializer, initargs), for fork inheritance
         self.serializer: Serializer = get_serializer(backend.serializer)
         self.timed = timeout is not None and backend.enforces_timeout
         self.label = getattr(func, "__qualname__", None) or type(func).__qualname__
-        self._parts = (func_parts,) if init_parts is None else (func_parts, init_parts)
-        self.setup: tuple[Any, tuple[Any, ...]] | None = None  # (initializer, initargs) objects
-        self._payloads: tuple[Any, ...] | None = None
-        self._spills: list[str] = []
+        self.uses_shared_memory = self.serializer.by_value and backend.shares_files
+        self.spec = CallSpec(
+            next(_call_ids), CALLER_TOKEN, backend.serializer, star, collect, self.timed, self.uses_shared_memory
+        )
+        self._func_payload = func_payload
+        self._init_payload = init_payload
+        self._setup: Setup | None = None
+        self._segments: list[str] = []  # removed when the call ends
+        self.item_segments: dict[int, list[str]] = {}  # chunk seq -> segments its reader has not removed yet
+
+    @property
+    def id(self) -> int:
+        return self.spec.id
 
     @property
     def has_initializer(self) -> bool:
-        return len(self._parts) > 1
+        return self._init_payload is not None
 
-    def inheritable(self) -> tuple[Any, ...]:
-        """What a worker forked now inherits instead of a SETUP message."""
-        return (self.id, self.func, self.setup, self.star, self.collect, self.timed)
+    def inheritance(self) -> Inheritance:
+        """What a worker forked now inherits instead of a Setup."""
+        return Inheritance(self.spec, self.func, self.setup_objects)
 
-    def setup_payloads(self) -> tuple[Any, ...]:
-        if self._payloads is None:
-            self._payloads = tuple(self._ship(parts) for parts in self._parts)
-        return self._payloads
+    def setup(self) -> Setup:
+        if self._setup is None:
+            func, init = self._func_payload, self._init_payload
+            if self.uses_shared_memory:
+                func, paths = _shipping.ship(self.func, func)
+                self._segments.extend(paths)
+                if init is not None:
+                    init = _wire.share(init, transient=False, writer="c")
+                    self._segments.extend(_wire.segment_paths(init))
+            self._setup = Setup(self.spec, func, init)
+        return self._setup
 
-    def _ship(self, parts: Any) -> Any:
-        if not self.serializer.by_value:
-            return parts
-        if sum(map(len, parts)) < SPILL_BYTES:
-            return b"".join(parts)
-        fd, path = tempfile.mkstemp(prefix=f"pickmap-{os.getpid()}-", dir=_SPILL_DIR)
-        _LIVE_SPILLS.add(path)
-        self._spills.append(path)
-        with os.fdopen(fd, "wb") as file:
-            file.writelines(parts)
-        return Spill(path)
+    def items_payload(self, seq: int, items: list[Any]) -> Any:
+        payload = self.serializer.dump(items)
+        if self.serializer.by_value and copies_locks([payload.data]):
+            raise TypeError("an item holds a threading lock")  # the probe's rule, for every chunk
+        if self.uses_shared_memory:
+            payload = _wire.share(payload, transient=True, writer="c")
+            paths = _wire.segment_paths(payload)
+            if paths:
+                self.item_segments[seq] = paths
+        return payload
 
     def close(self) -> None:
-        """Remove spill files. Every worker that got the SETUP has loaded it by now,
+        """Remove this call's shared memory. Every worker that got it has mapped it by now,
         or was killed for being busy with this call."""
-        _remove_spills(self._spills)
-        self._spills.clear()
+        _shm.unlink(self._segments)
+        _shm.unlink(path for paths in self.item_segments.values() for path in paths)
+        self._segments.clear()
+        self.item_segments.clear()
 
 
-class _Chunk(NamedTuple):
+class Chunk(NamedTuple):
     seq: int
     start: int
     count: int
     payload: Any
 
 
-def _describe_indices(start: int, count: int) -> str:
-    return f"item {start}" if count == 1 else f"items {start}-{start + count - 1} (one chunk)"
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name} (exit code {code})"
-        except ValueError:
-            pass
-    return f"exit code {code}"
-
-
-def _wait_ready(waitables: list[Any], timeout: float | None) -> list[Any]:
-    """The waitables (file descriptors or objects with ``fileno()``) that are
-    readable or closed, waiting at most ``timeout`` seconds.
-
-    ``multiprocessing.connection.wait`` does the same through a new
-    ``selectors`` object each time; with a reply per chunk, that Python-level
-    set-up was a third of the caller's work, taken from a busy core.
-    """
-    poller = select.poll()
-    by_fd = {}
-    for waitable in waitables:
-        fd = waitable if isinstance(waitable, int) else waitable.fileno()
-        by_fd[fd] = waitable
-        poller.register(fd, select.POLLIN)
-    events = poller.poll(None if timeout is None else math.ceil(max(timeout, 0.0) * 1000))
-    return [by_fd[fd] for fd, _ in events]
-
-
 class _Run:
+    """One call's state: what is in flight, what is finished, what to emit next."""
+
     def __init__(self, pool: WorkerPool, call: Call, chunker: Chunker, *, ordered: bool, eager_errors: bool, bounded: bool) -> None:
         self.pool = pool
         self.call = call
@@ -178,8 +143,8 @@ class _Run:
         self.eager_errors = eager_errors
         self.limit = pool.size * pool.backend.max_queued
         self.cap = 2 * self.limit if bounded else None
-        self.inflight: dict[int, _Chunk] = {}
-        self.requeued: collections.deque[_Chunk] = collections.deque()
+        self.inflight: dict[int, Chunk] = {}
+        self.requeued: collections.deque[Chunk] = collections.deque()
         self.finished: dict[int, tuple[list[Any], BaseException | None]] = {}
         self.seqs = itertools.count()
         self.next_emit = 0
@@ -206,8 +171,7 @@ class _Run:
                     self.source_done or self.failed_seq is not None
                 ):
                     return
-                for results in self._wait():
-                    yield results
+                yield from self._wait()
                 if self.failure is not None:
                     # Raised after the results that arrived with it were handed over.
                     raise self.failure
@@ -215,10 +179,17 @@ class _Run:
             interrupted = True
             raise
         finally:
-            self.pool.end_call(interrupted=interrupted)
-            self.call.close()
+            try:
+                self.pool.end_call(interrupted=interrupted)
+            finally:
+                self.call.close()
 
-    # ------------------------------------------------------------------ dispatching
+    def _fail(self, error: BaseException | None) -> None:
+        """Record the call's first failure; ``results`` raises it after this round's results."""
+        if error is not None and self.failure is None:
+            self.failure = error
+
+    # ------------------------------------------------------------------ scheduling
     def _dispatch(self) -> None:
         while self.failure is None and len(self.inflight) < self.limit and (
             self.cap is None or len(self.inflight) + len(self.finished) < self.cap
@@ -236,73 +207,70 @@ class _Run:
                 if chunk is None:
                     self.source_done = True
                     return
-            slot = self.pool.pick(self.call.inheritable(), depth=depth)
+            slot = self.pool.pick(self.call.inheritance(), depth=depth)
             if slot is None:
                 self.requeued.appendleft(chunk)
                 return
             self._send(slot, chunk)
 
-    def _next_chunk(self) -> _Chunk | None:
+    def _next_chunk(self) -> Chunk | None:
         got = self.chunker.next_chunk()
         if got is None:
             return None
         start, items = got
+        seq = next(self.seqs)
         try:
-            payload = self.call.serializer.dumps(items)
+            payload = self.call.items_payload(seq, items)
         except Exception:  # noqa: BLE001
-            raise self._unsendable_item(start, items) from None
-        if self.call.serializer.by_value and copies_locks([payload]):
-            raise self._unsendable_item(start, items)  # the probe's rule, for every chunk
-        return _Chunk(next(self.seqs), start, len(items), payload)
+            raise _replies.unsendable_item(self.call, start, items) from None
+        return Chunk(seq, start, len(items), payload)
 
-    def _send(self, slot: Slot, chunk: _Chunk) -> None:
+    def _messages_for(self, slot: Slot, chunk: Chunk) -> list[Message]:
         call = self.call
-        messages = []
+        task = Task(call.id, chunk.seq, chunk.start, chunk.payload)
+        if not self.pool.backend.sticky:
+            return [Job(call.setup(), task)]
         if slot.call_id != call.id:
-            messages.append(((SETUP, call.id, call.star, call.collect, call.timed), call.setup_payloads()))
-        messages.append(((CHUNK, call.id, chunk.seq, chunk.start), (chunk.payload,)))
+            return [call.setup(), task]
+        return [task]
+
+    def _send(self, slot: Slot, chunk: Chunk) -> None:
         try:
-            slot.worker.send(messages)
-            slot.call_id = call.id
-            slot.tainted = slot.tainted or call.has_initializer
+            slot.worker.send(self._messages_for(slot, chunk))
         except OSError:
             # The worker is gone (idle exit or a crash between calls); its
-            # death is handled by _wait. This chunk never reached it.
+            # death is handled while waiting. This chunk never reached it.
             slot.eof = True
             self.requeued.appendleft(chunk)
             return
+        slot.call_id = self.call.id
+        slot.tainted = slot.tainted or self.call.has_initializer
+        if not slot.queued:
+            slot.handed_at = time.monotonic()
         slot.queued.append(chunk)
         self.inflight[chunk.seq] = chunk
 
     # ------------------------------------------------------------------ waiting
     def _wait(self) -> list[list[Any]]:
         slots = list(self.pool.slots)
-        watched: dict[Any, Slot] = {}
-        immediate = False
-        for slot in slots:
-            worker = slot.worker
-            if worker.waitable is None:
-                immediate = immediate or bool(slot.queued)
-                continue
-            if not slot.eof:
-                watched[worker.waitable] = slot
-            if worker.sentinel is not None:
-                watched[worker.sentinel] = slot
-        timeout = 0.0 if immediate else self._wait_timeout(slots)
-        ready = set(_wait_ready(list(watched), timeout)) if watched else set()
+        timeout = _waiting.next_deadline(
+            slots,
+            timeout=self.call.timeout if self.call.timed else None,
+            busy=bool(self.inflight),
+            started=lambda slot: _deaths.item_started(slot)[1],
+        )
+        wake = _waiting.wait_for(slots, timeout)
         out: list[list[Any]] = []
-        for slot in slots:
-            if slot.worker.waitable is None or (slot.worker.waitable in ready and not slot.eof):
+        for slot in wake.replies:
+            if not slot.eof or slot.worker.waitable is None:
                 self._drain(slot, out)
         for slot in slots:
-            sentinel = slot.worker.sentinel
             # Threads have no sentinel: look at them when the periodic wake-up fires.
-            maybe_dead = sentinel in ready if sentinel is not None else (timeout is not None and not ready)
+            maybe_dead = slot in wake.deaths if slot.worker.sentinel is not None else wake.timed_out
             if maybe_dead and slot in self.pool.slots and slot.worker.exitcode() is not None:
-                # Whatever it wrote before dying (results, BYE) is still in the pipe.
-                self._drain(slot, out)
-                self._on_death(slot)
-        self._check_timeouts()
+                self._drain(slot, out)  # whatever it wrote before dying (results, Bye) is still in the pipe
+                self._fail(_deaths.on_death(self.pool, self.call, slot))
+        self._fail(_deaths.check_timeouts(self.pool, self.call))
         return out
 
     def _drain(self, slot: Slot, out: list[list[Any]]) -> None:
@@ -310,223 +278,63 @@ class _Run:
             messages = slot.worker.receive()
         except (EOFError, OSError):
             slot.eof, messages = True, []
-        for header, payloads in messages:
-            results = self._on_message(slot, header, payloads)
+        for message in messages:
+            results = self._on_message(slot, message)
             if results is not None:
                 out.append(results)
 
-    def _wait_timeout(self, slots: list[Slot]) -> float | None:
-        timeouts = [] if self.inflight else [0.05]  # only dead slots to reap: look again soon
-        if any(slot.worker.sentinel is None and slot.queued for slot in slots):
-            timeouts.append(_THREAD_POLL)
-        if self.call.timed:
-            assert self.call.timeout is not None
-            now = time.monotonic()
-            timeouts.append(self.call.timeout / 4)
-            for slot in slots:
-                started = slot.worker.progress[1]
-                if slot.queued and started > 0:
-                    timeouts.append(started + self.call.timeout - now)
-        return max(0.001, min(timeouts)) if timeouts else None
-
     # ------------------------------------------------------------------ replies
-    def _fail(self, error: BaseException) -> None:
-        """Record the call's first failure; ``results`` raises it after this round's results."""
-        if self.failure is None:
-            self.failure = error
+    def _take(self, slot: Slot, seq: int) -> Chunk:
+        """The chunk a reply answers, off its worker's queue."""
+        chunk = self.inflight.pop(seq)
+        slot.queued.remove(chunk)
+        slot.handed_at = time.monotonic()
+        self.call.item_segments.pop(seq, None)
+        return chunk
 
-    def _on_message(self, slot: Slot, header: tuple, payloads: Any) -> list[Any] | None:
-        kind = header[0]
-        if kind == READY:
+    def _on_message(self, slot: Slot, message: Message) -> list[Any] | None:
+        call = self.call
+        if isinstance(message, Ready):
             slot.ready = True
-            return None
-        if kind == BYE:
+        elif isinstance(message, Bye):
             slot.said_bye = True
             # It stopped reading before these arrived: none of them ran.
             self.requeued.extendleft(reversed(slot.queued))
             for chunk in slot.queued:
                 del self.inflight[chunk.seq]
             slot.queued.clear()
-            return None
-        if kind == SETUP_FAILED:
-            self._fail(self._setup_error(header, payloads))
-            return None
-        chunk = slot.queued.popleft()
-        del self.inflight[chunk.seq]
-        serializer = self.call.serializer
-        if kind == RESULT:
+        elif isinstance(message, SetupFailed):
+            self._fail(_replies.setup_error(call, message))
+        elif isinstance(message, Result):
+            chunk = self._take(slot, message.seq)
             try:
-                results = serializer.loads(payloads[0])
+                results = _replies.load(call, message.results)
             except Exception as exc:  # noqa: BLE001 - e.g. a result whose __reduce__ fails on load
-                self._fail(self._unloadable_results(chunk, exc))
+                self._fail(_replies.unloadable_results(call, chunk, exc))
                 return None
-            self.chunker.observe(chunk.count, header[2])
-            if self.ordered:
-                self.finished[chunk.seq] = (results, None)
-                return None
-            return results
-        if kind == ERROR:
-            error = self._worker_exception(header, payloads)
+            self.chunker.observe(chunk.count, message.seconds)
+            if not self.ordered:
+                return results
+            self.finished[chunk.seq] = (results, None)
+        elif isinstance(message, Raised):
+            chunk = self._take(slot, message.seq)
+            error = _replies.raised_error(call, message)
             if self.eager_errors:
+                _wire.resolve(message.partial)  # not needed: only map and remove its segments
                 self._fail(error)
                 return None
-            partial = serializer.loads(payloads[1]) if payloads[1] is not None else []
+            partial = _replies.load(call, message.partial) if message.partial is not None else []
             self.finished[chunk.seq] = (partial, error)
             self.failed_seq = chunk.seq if self.failed_seq is None else min(self.failed_seq, chunk.seq)
-            return None
-        if kind == UNSENDABLE:
-            _, _, index, type_name, reason = header
-            self._fail(SerializationError(
-                f"the result of item {index} (a {type_name}) cannot be sent back by the "
-                f"{self.call.backend.name!r} backend: {reason}. Return a plain value instead, "
-                f"or use backend='thread', which keeps results in memory",
-                backend=self.call.backend.name,
-                what=type_name,
-                index=index,
-            ))
-            return None
-        raise RuntimeError(f"pickmap: unexpected reply {kind!r} from a worker")  # pragma: no cover
-
-    def _worker_exception(self, header: tuple, payloads: Any) -> BaseException:
-        _, _, index, exc_repr, remote_tb = header
-        return self._rebuild(f"item {index}", index, exc_repr, remote_tb, payloads[0])
-
-    def _rebuild(self, where: str, index: int | None, exc_repr: str, remote_tb: str, blob: Any) -> BaseException:
-        """The worker's exception as itself, or a WorkerError when it cannot be rebuilt."""
-        exc: Any = None
-        if blob is not None:
-            try:
-                exc = self.call.serializer.loads(blob)
-            except Exception:  # noqa: BLE001 - e.g. an __init__ that wants other arguments
-                exc = None
-        if not isinstance(exc, BaseException):
-            exc = WorkerError(
-                f"{where} raised {exc_repr} in a {self.call.backend.name!r} worker, and that "
-                f"exception could not be rebuilt here as itself; the worker's traceback follows",
-                exc_repr=exc_repr,
-                remote_traceback=remote_tb,
-                index=index,
-            )
-        if self.call.backend.isolated:
-            exc.__cause__ = RemoteTraceback(remote_tb)
-        exc.add_note(f"pickmap: raised by {self.call.label} on {where} (backend {self.call.backend.name!r})")
-        return exc
-
-    def _setup_error(self, header: tuple, payloads: Any) -> BaseException:
-        _, _, stage, index, exc_repr, remote_tb = header
-        if stage == "initializer":
-            return self._rebuild("the initializer", None, exc_repr, remote_tb, payloads[0])
-        backend = self.call.backend.name
-        what = f"the chunk of items starting at index {index}"
-        if stage in ("callable", "initializer-load"):
-            what = self.call.label if stage == "callable" else "the initializer"
-            advice = "define what it needs at module level of an importable module"
-            if self.call.forced:
-                advice += ", or let pickmap choose the backend (backend='auto')"
-        else:
-            advice = "an item's own unpickling (its __reduce__ or __setstate__) raised in the worker"
-        error = SerializationError(
-            f"a {backend!r} worker could not load {what}: {exc_repr}; {advice}",
-            backend=backend,
-            what=what,
-            index=index,
-        )
-        error.__cause__ = RemoteTraceback(remote_tb)
-        return error
-
-    def _unloadable_results(self, chunk: _Chunk, exc: Exception) -> SerializationError:
-        backend = self.call.backend.name
-        where = _describe_indices(chunk.start, chunk.count)
-        error = SerializationError(
-            f"the results of {where} were sent back by the {backend!r} worker but cannot be loaded "
-            f"here: {type(exc).__name__}: {exc}. Return plain values, or use backend='thread', "
-            f"which keeps results in memory",
-            backend=backend,
-            index=chunk.start,
-        )
-        error.__cause__ = exc
-        return error
-
-    def _unsendable_item(self, start: int, items: list[Any]) -> SerializationError:
-        from .probe import capable_backends
-
-        serializer, backend = self.call.serializer, self.call.backend.name
-        for offset, item in enumerate(items):
-            try:
-                if copies_locks([serializer.dumps(item)]):
-                    raise TypeError("it holds a threading lock, which must not be copied into a worker process")
-            except Exception as exc:  # noqa: BLE001
-                capable = [b for b in capable_backends(self.call.func, [item]) if b != backend]
-                return SerializationError(
-                    f"item {start + offset} (a {type(item).__qualname__}) cannot be serialized by the "
-                    f"{backend!r} backend: {exc}. Backends that can carry it: {', '.join(capable) or 'none'}",
-                    backend=backend,
-                    what=type(item).__qualname__,
-                    index=start + offset,
-                    capable=capable,
-                )
-        return SerializationError(f"a chunk starting at item {start} cannot be serialized", backend=backend)
-
-    # ------------------------------------------------------------------ deaths and timeouts
-    def _on_death(self, slot: Slot) -> None:
-        code = slot.worker.exitcode()
-        if slot.said_bye or not slot.queued:
-            self.pool.remove(slot, kill=True)
-            return
-        pid = slot.worker.pid
-        progress = slot.worker.progress
-        timed = self.call.timed and progress is not None and progress[1] > 0
-        if not slot.ready:
-            where, indices = "while starting, before it ran anything", []
-            advice = (
-                "Under spawn/forkserver a worker re-imports your main module: keep the script's entry point "
-                "under `if __name__ == \"__main__\":`, and run it from a file (a script read from stdin "
-                "cannot be re-imported); the worker's own error is printed above"
-            )
-        else:
-            advice = "the pool was discarded and the next call starts fresh workers"
-            if timed and progress[0] < 0:
-                where, indices = f"while loading {self.call.label}", []
-            elif timed:
-                where, indices = f"while running item {int(progress[0])} of {self.call.label}", [int(progress[0])]
-            else:
-                head = slot.queued[0]
-                where = f"while running {_describe_indices(head.start, head.count)} of {self.call.label}"
-                indices = list(range(head.start, head.start + head.count))
-        self.pool.remove(slot, kill=True)
-        self.pool.broken = True
-        self._fail(WorkerCrashedError(
-            f"a {self.call.backend.name!r} worker (pid {pid}) exited with {_describe_exit(code)} {where}; {advice}",
-            exitcode=code,
-            indices=indices,
-        ))
-
-    def _check_timeouts(self) -> None:
-        if not self.call.timed:
-            return
-        timeout = self.call.timeout
-        assert timeout is not None
-        now = time.monotonic()
-        for slot in list(self.pool.slots):
-            started = slot.worker.progress[1]
-            if not slot.queued or started <= 0 or now - started <= timeout:
-                continue
-            index = int(slot.worker.progress[0])
-            what = f"item {index}" if index >= 0 else "loading the callable"
-            backend = self.call.backend
-            if backend.killable:
-                action = f"its worker (pid {slot.worker.pid}) was killed and will be replaced"
-                self.pool.remove(slot, kill=True)
-            else:
-                action = "its thread cannot be killed: it was abandoned and the pool retired"
-                self.pool.broken = True
-            self._fail(TaskTimeoutError(
-                f"{what} of {self.call.label} ran longer than timeout={timeout:g}s on the "
-                f"{backend.name!r} backend; {action}",
-                index=index if index >= 0 else None,
-                timeout=timeout,
-            ))
-            return
+        elif isinstance(message, Unsendable):
+            self._take(slot, message.seq)
+            self._fail(_replies.unsendable_result(call, message))
+        elif isinstance(message, Lost):
+            chunk = self._take(slot, message.seq)
+            self._fail(_replies.lost_error(call, chunk, message))
+        else:  # pragma: no cover
+            raise RuntimeError(f"pickmap: unexpected reply {message!r} from a worker")
+        return None
 
 
 def execute(

@@ -26,7 +26,7 @@ import collections
 import threading
 from typing import Any
 
-from .backends.base import Backend, Worker
+from .backends.base import Backend, Inheritance, Worker, WorkerStart
 
 __all__ = ("WorkerPool", "Slot", "acquire", "release", "shutdown")
 
@@ -36,7 +36,7 @@ _GRACE = 2.0  # seconds a stopping worker gets before it is killed
 class Slot:
     """A worker plus the engine's bookkeeping about it."""
 
-    __slots__ = ("worker", "queued", "call_id", "tainted", "said_bye", "eof", "ready")
+    __slots__ = ("worker", "queued", "call_id", "tainted", "said_bye", "eof", "ready", "handed_at")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -45,7 +45,8 @@ class Slot:
         self.tainted = False  # ran an initializer
         self.said_bye = False  # exited after its idle timeout
         self.eof = False  # its channel closed: dead or dying
-        self.ready = False  # a process worker said READY: it started
+        self.ready = False  # a process worker said Ready: it started
+        self.handed_at = 0.0  # when its oldest queued chunk was handed over (for timeouts without progress)
 
     @property
     def usable(self) -> bool:
@@ -65,36 +66,39 @@ class WorkerPool:
     def key(self) -> tuple[str, str | None, int]:
         return (self.backend.name, self.start_method, self.size)
 
-    def start_slot(self, call: Any = None) -> Slot:
-        slot = Slot(self.backend.start_worker(self.start_method, self.idle_timeout, call))
-        if slot.worker.adopted_call is not None:
+    def start_slot(self, inheritance: Inheritance | None = None) -> Slot:
+        start = WorkerStart(self.start_method, self.idle_timeout, inheritance, self.size)
+        slot = Slot(self.backend.start_worker(start))
+        if slot.worker.adopted_call is not None and inheritance is not None:
             slot.call_id = slot.worker.adopted_call
-            slot.tainted = call[2] is not None  # it ran the call's initializer
+            slot.tainted = inheritance.setup is not None  # it ran the call's initializer
         self.slots.append(slot)
         return slot
 
-    def pick(self, call: Any = None, depth: int | None = None) -> Slot | None:
+    def pick(self, inheritance: Inheritance | None = None, depth: int | None = None) -> Slot | None:
         """The least busy worker with room in its queue, starting one if all are busy.
 
-        ``call`` is handed to a worker started now (see ``Backend.start_worker``).
+        ``inheritance`` is handed to a worker started now (see ``Backend.start_worker``).
         ``depth`` caps the chunks a worker may hold (never above the backend's
         ``max_queued``).
         """
         depth = self.backend.max_queued if depth is None else min(depth, self.backend.max_queued)
         best = min((s for s in self.slots if s.usable), key=lambda s: len(s.queued), default=None)
         if (best is None or best.queued) and len(self.slots) < self.size:
-            return self.start_slot(call)
+            return self.start_slot(inheritance)
         if best is None or len(best.queued) >= depth:
             return None
         return best
 
     def remove(self, slot: Slot, *, kill: bool) -> None:
-        if slot in self.slots:
-            self.slots.remove(slot)
+        # Stopped before it leaves the list: a Ctrl-C in between leaves it to
+        # be stopped again (see end_call), never forgotten while it runs.
         if kill:
             slot.worker.kill()
         else:
             slot.worker.stop(_GRACE)
+        if slot in self.slots:
+            self.slots.remove(slot)
 
     def prune_dead(self) -> None:
         """Drop workers that exited while idle (idle timeout, or killed from outside)."""
@@ -103,6 +107,18 @@ class WorkerPool:
                 self.remove(slot, kill=True)
 
     def end_call(self, *, interrupted: bool) -> None:
+        """Clean up after a call; finishes even when Ctrl-C arrives during it, then re-raises that."""
+        late: KeyboardInterrupt | None = None
+        while True:
+            try:
+                self._end_call(interrupted=interrupted or late is not None)
+                break
+            except KeyboardInterrupt as caught:
+                late = caught
+        if late is not None:
+            raise late
+
+    def _end_call(self, *, interrupted: bool) -> None:
         if interrupted:
             self.broken = True
         for slot in list(self.slots):
@@ -146,12 +162,16 @@ def release(pool: WorkerPool) -> None:
 
 
 def shutdown() -> None:
-    """Stop every idle worker pickmap keeps warm. Safe to call at any time."""
+    """Stop every idle worker pickmap keeps warm, and the executors it owns. Safe to call at any time."""
+    from .registry import loaded_backends
+
     with _LOCK:
         pools = [pool for pools in _IDLE.values() for pool in pools]
         _IDLE.clear()
     for pool in pools:
         pool.close()
+    for backend in loaded_backends():
+        backend.shutdown()
 
 
 def idle_pool_count() -> int:

@@ -22,6 +22,7 @@ import types
 import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
+from .backends.base import Backend
 from .registry import LADDER, available_backends, get_backend
 from .serializers import copies_locks, get_serializer, main_references
 
@@ -76,18 +77,18 @@ def _round_trip(serializer_name: str, obj: Any, what: str, *, load: bool = True)
     if not serializer.by_value:
         return None, obj
     try:
-        data = serializer.dump_parts(obj)
+        data = serializer.dump(obj)
         if load:
-            serializer.trial_loads(data)
+            serializer.trial_load(data)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot carry"
         return f"{what}: {_first_line(exc)}", None
-    if copies_locks(data):
+    if copies_locks([data.data]):
         return (
             f"{what} holds a threading lock; a copy in a worker process would no longer "
             f"lock anything shared with this process (threads share it)",
             None,
         )
-    refs = main_references(data)
+    refs = main_references([data.data])
     if refs:
         return (
             f"{what} refers to __main__.{refs[0]} by name, which a worker process cannot import "
@@ -98,11 +99,13 @@ def _round_trip(serializer_name: str, obj: Any, what: str, *, load: bool = True)
 
 
 def try_backend(
-    name: str, func: Callable[..., Any], sample: Sequence[Any], *, setup: Any = None, load: bool = True
+    name: str | Backend, func: Callable[..., Any], sample: Sequence[Any], *, setup: Any = None, load: bool = True
 ) -> tuple[Verdict, Any, Any]:
-    """One backend's verdict, with the callable's and the ``setup`` (initializer,
-    initargs) pickle parts when it passes."""
-    serializer_name = get_backend(name).serializer
+    """One backend's verdict (by name, or a backend instance), with the callable's and
+    the ``setup`` (initializer, initargs) pickle parts when it passes."""
+    backend = get_backend(name) if isinstance(name, str) else name
+    name = backend.name
+    serializer_name = backend.serializer
     reason, payload = _round_trip(serializer_name, func, "callable", load=load)
     init_payload = None
     if reason is None and setup is not None:
@@ -117,7 +120,7 @@ def try_backend(
         return Verdict(name, False, reason), None, None
     if not get_serializer(serializer_name).by_value:
         return Verdict(name, True, "shares memory with the caller: nothing is serialized"), payload, init_payload
-    return Verdict(name, True, f"round trip ok ({sum(map(len, payload)):,} bytes)"), payload, init_payload
+    return Verdict(name, True, f"round trip ok ({payload.nbytes:,} bytes)"), payload, init_payload
 
 
 # --------------------------------------------------------------------------- verdict cache

@@ -51,11 +51,18 @@ _REGISTRY: dict[str, _Entry] = {
     ),
     "dill": _Entry("pickmap.backends.dill:DillBackend", "pip install pathos", ("dill", "multiprocess")),
     "thread": _Entry("pickmap.backends.thread:ThreadBackend"),
+    "ppe": _Entry("pickmap.backends.ppe:PPEBackend", "pip install cloudpickle", ("cloudpickle",)),
     "serial": _Entry("pickmap.backends.serial:SerialBackend"),
 }
 _ALIASES = {"pathos": "dill"}
 _INSTANCES: dict[str, Backend] = {}
 _LOCK = threading.Lock()
+
+
+def loaded_backends() -> list[Backend]:
+    """The backend instances made so far (``pickmap.shutdown`` releases what they own)."""
+    with _LOCK:
+        return list(_INSTANCES.values())
 
 
 def registered_backends() -> tuple[str, ...]:
@@ -135,13 +142,23 @@ def get_backend(name: str) -> Backend:
         return backend
 
 
-def select_backend(argument: str | None) -> tuple[str | None, str]:
-    """``(name, source)``: the backend the caller asked for, and where the ask came from.
+def select_backend(argument: object) -> tuple[str | Backend | None, str]:
+    """``(name or backend, source)``: the backend the caller asked for, and where the ask came from.
 
-    ``name`` is ``None`` when the capability probe must decide (source
-    ``"probe"``). Unknown names raise :class:`UnknownBackendError`, naming the
-    environment variable when that is where the name came from.
+    ``argument`` is a registered name, ``"auto"``/``None``, a :class:`Backend`
+    instance (how options such as a client reach a backend), or any object
+    with ``submit()`` — a ``concurrent.futures.Executor`` — which is wrapped
+    in an :class:`~pickmap.backends.executor.ExecutorBackend`. The first is
+    ``None`` when the capability probe must decide (source ``"probe"``).
+    Unknown names raise :class:`UnknownBackendError`, naming the environment
+    variable when that is where the name came from.
     """
+    if isinstance(argument, Backend):
+        return argument, "argument"
+    if argument is not None and not isinstance(argument, str) and callable(getattr(argument, "submit", None)):
+        from .backends.executor import ExecutorBackend
+
+        return ExecutorBackend(argument), "argument"  # type: ignore[arg-type]
     if argument is not None and argument != AUTO:
         return _known(argument, None), "argument"
     if argument is None:
@@ -153,5 +170,8 @@ def select_backend(argument: str | None) -> tuple[str | None, str]:
 
 def _known(name: object, variable: str | None) -> str:
     if not isinstance(name, str) or _canonical(name) not in _REGISTRY:
-        raise UnknownBackendError(str(name), (*registered_backends(), *_ALIASES), variable=variable)
+        shown = name if isinstance(name, str) else f"{type(name).__qualname__} object"
+        raise UnknownBackendError(
+            str(shown), (*registered_backends(), *_ALIASES, "a Backend instance", "an Executor"), variable=variable
+        )
     return _canonical(name)

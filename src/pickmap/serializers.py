@@ -28,9 +28,37 @@ import io
 import pickle
 import pickletools
 import types
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
-__all__ = ("Serializer", "get_serializer", "main_references", "copies_locks")
+__all__ = ("Pickled", "Serializer", "get_serializer", "main_references", "copies_locks")
+
+#: Buffers smaller than this stay in the pickle stream.
+OOB_MIN_BYTES = 64 * 1024
+
+
+class Pickled(NamedTuple):
+    """A serialized object: the pickle stream plus its out-of-band buffers."""
+
+    data: Any  # bytes (or any bytes-like object once it has crossed a transport)
+    buffers: tuple[Any, ...] = ()  # flat views of the original memory, never copied
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + sum(getattr(b, "nbytes", 0) for b in self.buffers)
+
+
+def _keep_large_out_of_band(collected: list[Any]) -> Callable[[pickle.PickleBuffer], bool]:
+    def callback(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: the pickler copies it in-band
+            return True
+        if raw.nbytes < OOB_MIN_BYTES:
+            return True
+        collected.append(raw)
+        return False
+
+    return callback
 
 _MAIN_MODULES = ("__main__", "__mp_main__")
 
@@ -91,6 +119,23 @@ class Serializer:
         """``loads`` for the probe's round trip in the caller's process: no side effects."""
         return self.loads(b"".join(parts))
 
+    def _pickler(self, file: Any, buffer_callback: Any) -> Any:
+        return pickle.Pickler(file, protocol=5, buffer_callback=buffer_callback)
+
+    def dump(self, obj: Any) -> Pickled:
+        """Protocol 5, large contiguous buffers out of band (uncopied)."""
+        buffers: list[Any] = []
+        stream = io.BytesIO()
+        self._pickler(stream, _keep_large_out_of_band(buffers)).dump(obj)
+        return Pickled(stream.getvalue(), tuple(buffers))
+
+    def load(self, pickled: Pickled) -> Any:
+        return pickle.loads(pickled.data, buffers=pickled.buffers)
+
+    def trial_load(self, pickled: Pickled) -> Any:
+        """The probe's side-effect-free load in the caller, reusing the same buffers."""
+        return self.load(pickled)
+
 
 # --------------------------------------------------------------------------- stdlib
 def _attribute_name_of(method: types.MethodType) -> str | None:
@@ -141,6 +186,9 @@ class StdlibSerializer(Serializer):
         return buffer.getvalue()
 
     loads = staticmethod(pickle.loads)  # type: ignore[assignment]
+
+    def _pickler(self, file: Any, buffer_callback: Any) -> Any:
+        return _StdlibPickler(file, protocol=5, buffer_callback=buffer_callback)
 
     def dump_parts(self, obj: Any) -> list[bytes]:
         sink = _Parts()
@@ -197,6 +245,14 @@ class CloudpickleSerializer(Serializer):
     def trial_loads(self, parts: list[bytes]) -> Any:
         return _UntrackedUnpickler(PartsReader(parts)).load()
 
+    def _pickler(self, file: Any, buffer_callback: Any) -> Any:
+        import cloudpickle
+
+        return cloudpickle.CloudPickler(file, protocol=5, buffer_callback=buffer_callback)
+
+    def trial_load(self, pickled: Pickled) -> Any:
+        return _UntrackedUnpickler(io.BytesIO(pickled.data), buffers=pickled.buffers).load()
+
 
 class DillSerializer(Serializer):
     name = "dill"
@@ -210,6 +266,16 @@ class DillSerializer(Serializer):
         import dill
 
         return dill.loads(data)
+
+    def _pickler(self, file: Any, buffer_callback: Any) -> Any:
+        import dill
+
+        return dill.Pickler(file, protocol=5, recurse=True, buffer_callback=buffer_callback)
+
+    def load(self, pickled: Pickled) -> Any:
+        import dill
+
+        return dill.Unpickler(io.BytesIO(pickled.data), buffers=pickled.buffers).load()
 
     def dump_parts(self, obj: Any) -> list[bytes]:
         import dill
@@ -230,6 +296,14 @@ class IdentitySerializer(Serializer):
 
     def loads(self, data: Any) -> Any:
         return data
+
+    def dump(self, obj: Any) -> Any:
+        return obj
+
+    def load(self, pickled: Any) -> Any:
+        return pickled
+
+    trial_load = load
 
 
 _SERIALIZERS: dict[str, Callable[[], Serializer]] = {

@@ -1,20 +1,23 @@
-"""Workers that are processes: shared by the stdlib, cloudpickle and dill backends.
+"""Workers that are pickmap's own processes: shared by the stdlib, cloudpickle and dill backends.
 
 Each worker gets its own duplex pipe and a two-slot shared array for progress;
-the engine waits on the pipe (replies) and on the process sentinel (death).
-A backend only chooses the serializer and which ``multiprocessing``-like
-package starts the processes (``multiprocessing`` or pathos' ``multiprocess``).
+the engine waits on the pipe (replies) and on the process sentinel (death),
+and writes through a non-blocking outbox. A backend only chooses the
+serializer and which ``multiprocessing``-like package starts the processes
+(``multiprocessing`` or pathos' ``multiprocess``).
 """
 
 from __future__ import annotations
 
 import importlib
-import select
+import os
 import weakref
 from typing import Any, ClassVar, Sequence
 
-from .._worker import STOP, Message, process_main, recv_messages, send_messages
-from .base import Backend, Worker
+from .. import _wire
+from .._protocol import Message, Stop
+from .._worker import process_main
+from .base import Backend, Worker, WorkerStart
 
 # The caller's ends of every live worker pipe. A worker started by fork
 # inherits them and must close them (see _worker._close_inherited).
@@ -22,8 +25,9 @@ _CALLER_ENDS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 class ProcessWorker(Worker):
-    def __init__(self, package: str, serializer: str, start_method: str, idle_timeout: float, call: Any) -> None:
-        context = importlib.import_module(package).get_context(start_method)
+    def __init__(self, package: str, start: WorkerStart) -> None:
+        assert start.start_method is not None
+        context = importlib.import_module(package).get_context(start.start_method)
         caller_end, worker_end = context.Pipe(duplex=True)
         # Two doubles of shared memory, from multiprocessing's heap: RawArray
         # would do the same but imports ctypes (6-9 ms on a first call here).
@@ -32,15 +36,15 @@ class ProcessWorker(Worker):
         # The heap reuses freed blocks without clearing them: a slot left by a
         # worker killed mid-item would read as an item running since then.
         progress[0] = progress[1] = 0.0
-        forked = start_method == "fork"
+        forked = start.start_method == "fork"
         inherited = [*_CALLER_ENDS, caller_end] if forked else []
         # Under fork, Process arguments are inherited, not pickled: the call's
         # callable reaches the worker without being serialized at all.
-        adopted = call if forked else None
-        self.adopted_call = call[0] if adopted is not None else None
+        adopted = tuple(start.inheritance) if forked and start.inheritance is not None else None
+        self.adopted_call = start.inheritance.spec.id if adopted is not None else None
         self.process = context.Process(
             target=process_main,
-            args=(worker_end, serializer, shared, idle_timeout, inherited, adopted),
+            args=(worker_end, shared, start.idle_timeout, os.getpid(), inherited, adopted),
             name="pickmap-worker",
             daemon=True,
         )
@@ -51,26 +55,16 @@ class ProcessWorker(Worker):
         self.progress = progress
         self.conn = caller_end
         self.waitable = caller_end
-        # A poll object made once: Connection.poll() builds a selector per call.
-        self._has_data = select.poll()
-        self._has_data.register(caller_end.fileno(), select.POLLIN)
+        self.outbox = _wire.Outbox(caller_end.fileno())
+        self._reader = _wire.FrameReader(caller_end.fileno())
         self.sentinel = self.process.sentinel
         self.pid = self.process.pid
 
     def send(self, messages: Sequence[Message]) -> None:
-        send_messages(self.conn, messages)
+        self.outbox.put(messages)
 
     def receive(self) -> list[Message]:
-        messages: list[Message] = []
-        try:
-            while self._has_data.poll(0):  # readable, or closed (then recv raises EOFError)
-                messages.extend(recv_messages(self.conn))
-        except (EOFError, OSError):
-            if not messages:
-                raise
-            # Hand over what arrived before the pipe closed (a last result,
-            # BYE); the next call raises EOFError.
-        return messages
+        return self._reader.read()
 
     def exitcode(self) -> int | None:
         return self.process.exitcode
@@ -82,9 +76,12 @@ class ProcessWorker(Worker):
 
     def stop(self, grace: float) -> None:
         try:
-            self.send([((STOP,), ())])
+            self.send([Stop()])
+            if self.outbox.pending:  # a Stop that cannot be written now: nothing to wait for
+                raise OSError
         except OSError:
-            pass
+            self.kill()
+            return
         self.process.join(grace)
         if self.process.exitcode is None:
             self.process.kill()
@@ -104,6 +101,5 @@ class ProcessBackend(Backend):
     #: The ``multiprocessing``-compatible package that starts the processes.
     process_package: ClassVar[str] = "multiprocessing"
 
-    def start_worker(self, start_method: str | None, idle_timeout: float, call: Any = None) -> Worker:
-        assert start_method is not None
-        return ProcessWorker(self.process_package, self.serializer, start_method, idle_timeout, call)
+    def start_worker(self, start: WorkerStart) -> Worker:
+        return ProcessWorker(self.process_package, start)

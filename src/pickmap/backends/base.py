@@ -1,48 +1,80 @@
-"""The backend contract: what a backend must provide, and nothing more.
+"""The backend contract (v2): what a backend provides, and nothing more.
 
-A backend starts workers. That is its one required method,
-:meth:`Backend.start_worker`. Everything else — argument checks, the
-capability probe, chunking, ordering, timeouts, error translation, warm pools
-— lives in the core (``engine.py``, ``pool.py``, ``probe.py``) and is written
-once for every backend.
+A backend starts or finds workers, moves messages, and reports results and
+deaths. Its one required method is :meth:`Backend.start_worker`. Argument
+checks, the probe, chunking, ordering, streaming, timeouts, error wording and
+warm pools live in the core and are written once for every backend.
 
-A :class:`Worker` is a handle the engine holds: it moves messages to and from
-one worker (see ``_worker.py`` for the protocol) and tells when that worker
-died. The capability flags on :class:`Backend` tell the core what it may
-expect of a backend, so the core never asks a backend's name.
+The capability flags tell the core what to expect, so the core never asks a
+backend's name:
+
+============== ================================================================
+``sticky``      a worker keeps state between messages: it gets the call's
+                Setup once, then Tasks. Otherwise every task is a
+                self-contained Job (executors, clusters).
+``processes``   workers are other processes: they can die, and their
+                tracebacks come back as text (``RemoteTraceback``).
+``start_methods`` fork / spawn / forkserver apply.
+``shares_files`` workers can open the caller's shared-memory segments (same
+                machine): large buffers cross without the pipe.
+``killable``    a stuck task can be killed; otherwise ``timeout=`` *waits
+                only*: the call raises and the task is left to its owner.
+``enforces_timeout`` ``timeout=`` is watched at all (``serial`` runs in the
+                caller's own thread, which nothing can interrupt).
+``reports_progress`` the worker reports which item runs since when (a shared
+                slot), so ``timeout=`` is per item; otherwise it is measured
+                from when a one-item task was handed over.
+============== ================================================================
+
+A :class:`Worker` is the handle the engine holds for one worker.
+``waitable`` is a file descriptor (or has ``fileno()``) that becomes readable
+when replies arrive; ``sentinel`` one that becomes ready when the worker dies;
+``outbox`` a ``_wire.Outbox`` when writes may be partial (the engine flushes it
+when the descriptor is writable). Backends whose workers answer through
+callbacks use :class:`~pickmap.backends._mailbox.Mailbox` for ``waitable``.
 """
 
 from __future__ import annotations
 
 import abc
 import os
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
-from .._worker import Message
+from .._protocol import CallSpec, Message
 
-__all__ = ("Backend", "Worker")
+__all__ = ("Backend", "Worker", "WorkerStart", "Inheritance")
+
+
+class Inheritance(NamedTuple):
+    """What a worker forked during a call can take from memory instead of a Setup."""
+
+    spec: CallSpec
+    func: Callable[..., Any]
+    setup: Any  # (initializer, initargs) objects, or None
+
+
+class WorkerStart(NamedTuple):
+    """Everything :meth:`Backend.start_worker` is told."""
+
+    start_method: str | None  # None unless the backend's ``start_methods`` flag is set
+    idle_timeout: float  # seconds an idle worker waits before it exits (Bye)
+    inheritance: Inheritance | None  # the running call, for a backend that can fork it in
+    workers: int  # the size of the pool this worker joins
 
 
 class Worker(abc.ABC):
-    """One worker, as the engine sees it.
-
-    ``waitable`` is a file descriptor, or an object with ``fileno()``, that
-    becomes readable when replies arrive (``None``: replies are ready as soon
-    as :meth:`send` returns).
-    ``sentinel`` becomes ready when the worker dies (``None``: it cannot die).
-    ``progress`` is the worker's ``[item index, start time]`` slot, written
-    while a timed call runs.
-    """
+    """One worker, as the engine sees it."""
 
     waitable: Any = None
     sentinel: Any = None
+    outbox: Any = None
     pid: int | None = None
-    progress: Any = None
+    progress: Any = None  # [item index, start time] slot, written while a timed call runs
     adopted_call: int | None = None  # id of a call it inherited at fork
 
     @abc.abstractmethod
     def send(self, messages: Sequence[Message]) -> None:
-        """Hand messages to the worker, in order. Raises ``OSError`` if it is gone."""
+        """Hand messages over, in order, without blocking. ``OSError`` if the worker is gone."""
 
     @abc.abstractmethod
     def receive(self) -> list[Message]:
@@ -54,28 +86,29 @@ class Worker(abc.ABC):
 
     @abc.abstractmethod
     def kill(self) -> None:
-        """Stop the worker now, whatever it is doing (threads: abandon it)."""
+        """Stop the worker now, whatever it is doing (when it cannot be killed: abandon it)."""
 
-    @abc.abstractmethod
     def stop(self, grace: float) -> None:
         """Ask the worker to finish and exit; kill it after ``grace`` seconds."""
+        self.kill()
 
 
 class Backend(abc.ABC):
     """A strategy for running workers. Subclasses set the flags and start workers."""
 
     #: Registry name, e.g. ``"stdlib"``.
-    name: ClassVar[str]
-    #: Name of the serializer (``serializers.py``) for the callable, items and results.
-    serializer: ClassVar[str]
-    #: Workers are separate processes: they can crash, and start methods apply.
-    isolated: ClassVar[bool] = True
-    #: ``timeout=`` is enforced (the engine can notice a stuck item).
-    enforces_timeout: ClassVar[bool] = True
-    #: A stuck worker can be killed; otherwise it is abandoned and the pool retired.
+    name: str
+    #: Serializer (``serializers.py``) for the callable, items and results.
+    serializer: str
+    sticky: ClassVar[bool] = True
+    processes: ClassVar[bool] = True
+    start_methods: ClassVar[bool] = True
+    shares_files: ClassVar[bool] = True
     killable: ClassVar[bool] = True
+    reports_progress: ClassVar[bool] = True
+    enforces_timeout: ClassVar[bool] = True
     #: Most workers this backend can use (``serial``: one, the caller's thread).
-    max_workers: ClassVar[int | None] = None
+    max_workers: int | None = None
     #: Keep idle workers for the next call (threads are cheap to start, and idle
     #: threads would make the process multi-threaded, ruling out fork).
     keep_warm: ClassVar[bool] = True
@@ -90,14 +123,21 @@ class Backend(abc.ABC):
             return os.cpu_count() or 1
 
     @abc.abstractmethod
-    def start_worker(self, start_method: str | None, idle_timeout: float, call: Any = None) -> Worker:
-        """Start one worker and return its handle.
+    def start_worker(self, start: WorkerStart) -> Worker:
+        """Start (or find) one worker and return its handle.
 
-        ``call`` is the running call's ``(id, callable, (initializer, initargs)
-        or None, star, collect, timed)``. A backend that can hand it over
-        without serializing (fork) sets ``worker.adopted_call`` to its id;
-        others ignore it and the worker gets a SETUP message.
+        A backend that can hand ``start.inheritance`` over without serializing
+        (fork) sets ``worker.adopted_call`` to its call id; others ignore it
+        and the worker gets a Setup.
         """
+
+    def shutdown(self) -> None:
+        """Release what the backend itself owns (``pickmap.shutdown()``); workers are the pools' business."""
+
+    def capabilities(self) -> dict[str, bool]:
+        """The flags, by name (for ``explain``, ``doctor`` and the docs)."""
+        flags = ("sticky", "processes", "start_methods", "shares_files", "killable", "reports_progress", "enforces_timeout")
+        return {flag: bool(getattr(self, flag)) for flag in flags}
 
     def __repr__(self) -> str:
         return f"<pickmap backend {self.name!r}>"

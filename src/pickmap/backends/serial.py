@@ -7,23 +7,23 @@ caller's thread cannot be interrupted from inside.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
-from .._worker import Message, WorkerState
-from ..serializers import get_serializer
-from .base import Backend, Worker
+from .._protocol import Message
+from .._worker import WorkerState
+from .base import Backend, Worker, WorkerStart
 
 
 class InlineWorker(Worker):
     """Runs each message as it is sent; its replies are ready at once."""
 
     def __init__(self) -> None:
-        self._state = WorkerState(get_serializer("identity"))
+        self._state = WorkerState()
         self._replies: list[Message] = []
 
     def send(self, messages: Sequence[Message]) -> None:
-        for header, payloads in messages:
-            self._replies.extend(self._state.handle(header, payloads))
+        for message in messages:
+            self._replies.extend(self._state.handle(message))
 
     def receive(self) -> list[Message]:
         replies, self._replies = self._replies, []
@@ -32,18 +32,17 @@ class InlineWorker(Worker):
     def kill(self) -> None:
         self._replies.clear()
 
-    def stop(self, grace: float) -> None:
-        self._replies.clear()
-
 
 class SerialBackend(Backend):
     name = "serial"
     serializer = "identity"
-    isolated = False
-    enforces_timeout = False
+    processes = False
+    start_methods = False
     killable = False
+    reports_progress = False
+    enforces_timeout = False
     max_queued = 1
     max_workers = 1
 
-    def start_worker(self, start_method: str | None, idle_timeout: float, call: Any = None) -> Worker:
+    def start_worker(self, start: WorkerStart) -> Worker:
         return InlineWorker()

@@ -4,78 +4,58 @@ The fallback when nothing can be serialized (objects holding generators,
 sockets, locks...). Threads share the GIL, so CPU-bound pure-Python work does
 not run in parallel; I/O and GIL-releasing C code do.
 
-Replies go into a deque, and one byte per reply into a pipe so the engine can
-wait on threads and processes alike. A thread cannot be killed: on a timeout
-it is told to stop after its current item and abandoned.
+A thread cannot be killed: on a timeout it is told to stop after its current
+item and abandoned.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import queue
 import threading
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
-from .._worker import CHUNK, STOP, Message, WorkerState, serve
-from ..serializers import get_serializer
-from .base import Backend, Worker
+from .._protocol import Message, Stop, Task
+from .._worker import WorkerState, serve
+from ._mailbox import Mailbox
+from .base import Backend, Worker, WorkerStart
 
 
 class ThreadWorker(Worker):
-    def __init__(self, idle_timeout: float) -> None:
+    def __init__(self) -> None:
         self._inbox: queue.SimpleQueue[Sequence[Message]] = queue.SimpleQueue()
-        self._replies: collections.deque[Message] = collections.deque()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
+        self._mailbox = Mailbox()
         self._abandoned = False
         self.progress = [0.0, 0.0]
-        self.waitable = self._wake_read
+        self.waitable = self._mailbox
         self._thread = threading.Thread(target=self._run, name="pickmap-worker", daemon=True)
         self._thread._pickmap_worker = True  # type: ignore[attr-defined] # nested calls run in place
         self._thread.start()
 
     def _run(self) -> None:
-        state = WorkerState(get_serializer("identity"), self.progress)
-
         def recv() -> list[Message]:
-            # An abandoned worker (timed out) skips queued chunks, keeps STOP.
-            return [m for m in self._inbox.get() if not (self._abandoned and m[0][0] == CHUNK)]
+            # An abandoned worker (timed out) skips queued tasks, keeps Stop.
+            return [m for m in self._inbox.get() if not (self._abandoned and isinstance(m, Task))]
 
-        def reply(replies: list[Message]) -> None:
-            self._replies.extend(replies)
-            os.write(self._wake_write, b"\0")
-
-        try:
-            serve(recv, reply, state)
-        finally:
-            # Closed by the thread itself, so the descriptors are never reused
-            # while it could still write to them.
-            os.close(self._wake_write)
-            os.close(self._wake_read)
+        serve(recv, self._mailbox.post, WorkerState(self.progress))
 
     def send(self, messages: Sequence[Message]) -> None:
         self._inbox.put(messages)
 
     def receive(self) -> list[Message]:
-        try:
-            os.read(self._wake_read, 1 << 16)
-        except BlockingIOError:
-            pass
-        messages = []
-        while self._replies:
-            messages.append(self._replies.popleft())
-        return messages
+        return self._mailbox.take()
 
     def kill(self) -> None:
         self._abandoned = True
-        self._inbox.put([((STOP,), ())])
+        self._inbox.put([Stop()])
+        self._mailbox.close()
 
     def stop(self, grace: float) -> None:
-        self._inbox.put([((STOP,), ())])
+        self._inbox.put([Stop()])
         self._thread.join(grace)
         self._abandoned = True
+        self._mailbox.close()
         # join() returns before the kernel has reaped the thread; the next
         # call counts threads to decide whether fork is safe, so wait for it.
         task = f"/proc/self/task/{self._thread.native_id}"
@@ -87,7 +67,8 @@ class ThreadWorker(Worker):
 class ThreadBackend(Backend):
     name = "thread"
     serializer = "identity"
-    isolated = False
+    processes = False
+    start_methods = False
     killable = False
     keep_warm = False
 
@@ -95,5 +76,5 @@ class ThreadBackend(Backend):
         # Same default as ThreadPoolExecutor: threads mostly wait on I/O.
         return min(32, (os.cpu_count() or 1) + 4)
 
-    def start_worker(self, start_method: str | None, idle_timeout: float, call: Any = None) -> Worker:
-        return ThreadWorker(idle_timeout)
+    def start_worker(self, start: WorkerStart) -> Worker:
+        return ThreadWorker()

@@ -1,0 +1,116 @@
+"""Death and timeout policy: what happens to a worker that died or overran, and what the caller is told.
+
+- A worker that dies while it holds work ends the call with
+  ``WorkerCrashedError`` naming what it held, and the pool is discarded.
+- An item that overruns ``timeout=`` ends the call with ``TaskTimeoutError``:
+  its worker is killed where the backend can kill; otherwise (threads, a
+  user's executor) the call *waits only* — it raises now and the task is left
+  running, to be abandoned (threads) or to its executor's owner.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from . import _shm
+from .errors import TaskTimeoutError, WorkerCrashedError
+from .pool import Slot, WorkerPool
+from ._replies import describe_indices
+
+if TYPE_CHECKING:
+    from .engine import Call
+
+__all__ = ("item_started", "on_death", "check_timeouts")
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+def item_started(slot: Slot) -> tuple[int, float]:
+    """``(index, monotonic start)`` of what the slot's worker runs now; start 0: nothing timed runs.
+
+    From the worker's progress slot where it reports one; otherwise the
+    hand-off time of its one queued single-item chunk.
+    """
+    progress = slot.worker.progress
+    if progress is not None:
+        return int(progress[0]), progress[1]
+    if slot.queued:
+        return slot.queued[0].start, slot.handed_at
+    return -2, 0.0
+
+
+def on_death(pool: WorkerPool, call: Call, slot: Slot) -> WorkerCrashedError | None:
+    """Remove a dead worker; the error for the caller if it held this call's work."""
+    code = slot.worker.exitcode()
+    pid = slot.worker.pid
+    if pid is not None:
+        _shm.unlink_writer(os.getpid(), f"w{pid}")  # result segments it had no time to send
+    if slot.said_bye or not slot.queued:
+        pool.remove(slot, kill=True)
+        return None
+    index, started = item_started(slot)
+    timed = call.timed and slot.worker.progress is not None and started > 0
+    if not slot.ready:
+        where, indices = "while starting, before it ran anything", []
+        advice = (
+            "Under spawn/forkserver a worker re-imports your main module: keep the script's entry point "
+            'under `if __name__ == "__main__":`, and run it from a file (a script read from stdin '
+            "cannot be re-imported); the worker's own error is printed above"
+        )
+    else:
+        advice = "the pool was discarded and the next call starts fresh workers"
+        if timed and index < 0:
+            where, indices = f"while loading {call.label}", []
+        elif timed:
+            where, indices = f"while running item {index} of {call.label}", [index]
+        else:
+            head = slot.queued[0]
+            where = f"while running {describe_indices(head.start, head.count)} of {call.label}"
+            indices = list(range(head.start, head.start + head.count))
+    pool.remove(slot, kill=True)
+    pool.broken = True
+    return WorkerCrashedError(
+        f"a {call.backend.name!r} worker (pid {pid}) exited with {_describe_exit(code)} {where}; {advice}",
+        exitcode=code,
+        indices=indices,
+    )
+
+
+def check_timeouts(pool: WorkerPool, call: Call) -> TaskTimeoutError | None:
+    """The error for the first item over its time, after acting on its worker."""
+    if not call.timed:
+        return None
+    timeout = call.timeout
+    assert timeout is not None
+    now = time.monotonic()
+    for slot in list(pool.slots):
+        index, started = item_started(slot)
+        if not slot.queued or started <= 0 or now - started <= timeout:
+            continue
+        what = f"item {index}" if index >= 0 else "loading the callable"
+        backend = call.backend
+        if backend.killable:
+            action = f"its worker (pid {slot.worker.pid}) was killed and will be replaced"
+            pool.remove(slot, kill=True)
+        elif backend.processes:
+            action = "this backend cannot kill a task: it was left to its executor, which keeps running it"
+            pool.remove(slot, kill=True)
+        else:
+            action = "its thread cannot be killed: it was abandoned and the pool retired"
+            pool.broken = True
+        return TaskTimeoutError(
+            f"{what} of {call.label} ran longer than timeout={timeout:g}s on the {backend.name!r} backend; {action}",
+            index=index if index >= 0 else None,
+            timeout=timeout,
+        )
+    return None

@@ -1,0 +1,182 @@
+"""Shared-memory segments: large buffers written once, mapped (not copied) by the reader.
+
+A segment is a file on tmpfs (``/dev/shm``), else in the temp directory; its
+name is ``pickmap-<caller pid>-<writer>-<n>`` so that anything a dead caller
+left behind can be found and removed (:func:`sweep_dead`, run once per
+process on first use). Who removes a segment:
+
+- items and results: the *reader*, right after mapping it (the mapping
+  outlives the name), so nothing is left even if the caller is then killed;
+- a callable's buffers: the caller, when its ship-once entry dies (the object
+  is gone or changed), or at exit — a ``SIGKILL`` or ``SIGTERM`` leaves those
+  behind until the next pickmap process sweeps them.
+
+When neither directory can take a segment (read-only, full: Docker's default
+``/dev/shm`` is 64 MB), :func:`write` returns ``None`` and the caller sends
+the bytes through the pipe instead; a warning says so once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import mmap
+import os
+import tempfile
+import threading
+from typing import Any, Iterable, NamedTuple
+
+__all__ = ("Segment", "write", "map_segment", "unlink", "sweep_dead", "segment_dirs")
+
+PREFIX = "pickmap-"
+_counter = itertools.count()
+_lock = threading.Lock()
+_dirs: list[str] | None = None
+_warned = False
+_swept = False
+#: Segments this process made and must remove (callables); items and results are removed by their readers.
+_OWNED: set[str] = set()
+
+
+class Segment(NamedTuple):
+    """Where a buffer lives: ``size`` bytes at ``offset`` in the file ``path``."""
+
+    path: str
+    offset: int
+    size: int
+    reader_unlinks: bool  # items and results: the reader removes it once mapped
+
+
+def segment_dirs() -> list[str]:
+    """Candidate directories, best first: tmpfs, then the temp directory."""
+    global _dirs
+    if _dirs is None:
+        found = [d for d in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(d) and os.access(d, os.W_OK)]
+        _dirs = list(dict.fromkeys(found))
+    return _dirs
+
+
+def _warn_once(error: OSError) -> None:
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    import warnings
+
+    warnings.warn(
+        f"pickmap could not write shared memory ({error}); large buffers go through the pipe "
+        f"instead (slower, one more copy). Give /dev/shm more room, e.g. `docker run --shm-size=2g`",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def write(buffers: list[memoryview], *, caller_pid: int, writer: str, reader_unlinks: bool) -> list[Segment] | None:
+    """Write ``buffers`` into one new segment; their locations, or ``None`` if no directory could take them."""
+    sweep_dead()
+    total = sum(b.nbytes for b in buffers)
+    name = f"{PREFIX}{caller_pid}-{writer}-{next(_counter)}"
+    for directory in list(segment_dirs()):
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except OSError as error:
+            _warn_once(error)
+            continue
+        try:
+            with os.fdopen(fd, "wb") as file:
+                # Reserve the space first: a full tmpfs fails here, not with SIGBUS on a later read.
+                os.posix_fallocate(file.fileno(), 0, max(total, 1))
+                for buffer in buffers:
+                    file.write(buffer)
+        except OSError as error:
+            _remove(path)
+            _warn_once(error)
+            continue
+        if not reader_unlinks:
+            _OWNED.add(path)
+        segments, offset = [], 0
+        for buffer in buffers:
+            segments.append(Segment(path, offset, buffer.nbytes, reader_unlinks))
+            offset += buffer.nbytes
+        return segments
+    return None
+
+
+def map_segment(path: str, *, writable: bool) -> mmap.mmap:
+    """Map a whole segment: read-only, or private and writable (copy-on-write: no copy until written)."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY if writable else mmap.ACCESS_READ)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def unlink(paths: Iterable[str]) -> None:
+    for path in list(paths):
+        _OWNED.discard(path)
+        _remove(path)
+
+
+def unlink_writer(caller_pid: int, writer: str) -> None:
+    """Remove what one writer (a worker that died) may have left."""
+    stem = f"{PREFIX}{caller_pid}-{writer}-"
+    for directory in segment_dirs():
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(stem):
+                _remove(os.path.join(directory, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead() -> None:
+    """Remove segments (and old spill files) whose caller process no longer exists. Once per process."""
+    global _swept
+    if _swept:
+        return
+    with _lock:
+        if _swept:
+            return
+        _swept = True
+        for directory in segment_dirs():
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                if not name.startswith(PREFIX):
+                    continue
+                pid_text = name[len(PREFIX) :].partition("-")[0]
+                if pid_text.isdigit() and not _alive(int(pid_text)):
+                    _remove(os.path.join(directory, name))
+
+
+def _forget_in_child() -> None:
+    global _swept
+    _OWNED.clear()  # the parent owns those; a forked worker must not remove them at its exit
+    _swept = True  # the parent swept already
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+atexit.register(lambda: unlink(_OWNED))
+
+
+def view(mapping: Any, segment: Segment) -> memoryview:
+    return memoryview(mapping)[segment.offset : segment.offset + segment.size]
