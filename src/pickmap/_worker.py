@@ -59,7 +59,7 @@ import time
 import traceback
 from typing import Any, Callable, NamedTuple, Sequence
 
-from .serializers import Serializer, get_serializer
+from .serializers import Pickled, Serializer, get_serializer
 
 # Message kinds, caller -> worker.
 SETUP, CHUNK, STOP = 1, 2, 3
@@ -72,16 +72,23 @@ Message = tuple[Header, Sequence[Any]]
 
 
 class Spill(NamedTuple):
-    """A large payload (a 50 MB ``self``) parked once in a file, on tmpfs where
-    there is one, instead of being pushed through every worker's pipe."""
+    """A large payload (a 50 MB ``self``), or one with out-of-band buffers, parked
+    once in a file, on tmpfs where there is one, instead of being pushed through
+    every worker's pipe. ``layout``: (offset, size) of the pickle stream, then of
+    each out-of-band buffer."""
 
     path: str
+    layout: tuple[tuple[int, int], ...]
 
 
 def load_payload(serializer: Serializer, payload: Any) -> Any:
     if isinstance(payload, Spill):
-        with open(payload.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            return serializer.loads(view)
+        with open(payload.path, "rb") as file:
+            # Copy-on-write: out-of-band buffers (arrays) stay views of the file,
+            # writable, copied page by page only where a task writes.
+            view = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY))
+        pieces = [view[offset : offset + size] for offset, size in payload.layout]
+        return serializer.load(Pickled(pieces[0], tuple(pieces[1:])))
     return serializer.loads(payload)
 
 

@@ -112,17 +112,21 @@ class Call:
             self._payloads = tuple(self._ship(parts) for parts in self._parts)
         return self._payloads
 
-    def _ship(self, parts: Any) -> Any:
+    def _ship(self, pickled: Any) -> Any:
         if not self.serializer.by_value:
-            return parts
-        if sum(map(len, parts)) < SPILL_BYTES:
-            return b"".join(parts)
+            return pickled
+        if not pickled.buffers and pickled.nbytes < SPILL_BYTES:
+            return pickled.data
         fd, path = tempfile.mkstemp(prefix=f"pickmap-{os.getpid()}-", dir=_SPILL_DIR)
         _LIVE_SPILLS.add(path)
         self._spills.append(path)
+        layout = []
         with os.fdopen(fd, "wb") as file:
-            file.writelines(parts)
-        return Spill(path)
+            for piece in (pickled.data, *pickled.buffers):
+                file.write(bytes(-file.tell() % 64))  # 64-byte aligned, so loaded arrays are aligned
+                layout.append((file.tell(), memoryview(piece).nbytes))
+                file.write(piece)
+        return Spill(path, tuple(layout))
 
     def close(self) -> None:
         """Remove spill files. Every worker that got the SETUP has loaded it by now,
@@ -251,7 +255,7 @@ class _Run:
             payload = self.call.serializer.dumps(items)
         except Exception:  # noqa: BLE001
             raise self._unsendable_item(start, items) from None
-        if self.call.serializer.by_value and copies_locks([payload]):
+        if self.call.serializer.by_value and copies_locks(payload):
             raise self._unsendable_item(start, items)  # the probe's rule, for every chunk
         return _Chunk(next(self.seqs), start, len(items), payload)
 
@@ -453,7 +457,7 @@ class _Run:
         serializer, backend = self.call.serializer, self.call.backend.name
         for offset, item in enumerate(items):
             try:
-                if copies_locks([serializer.dumps(item)]):
+                if copies_locks(serializer.dumps(item)):
                     raise TypeError("it holds a threading lock, which must not be copied into a worker process")
             except Exception as exc:  # noqa: BLE001
                 capable = [b for b in capable_backends(self.call.func, [item]) if b != backend]
