@@ -224,12 +224,14 @@ def test_faults_leave_fds_and_processes_flat(backend, method, rounds):
 # =========================================================================== spill files
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["exit", "raise", "hang"])
-def test_spill_files_are_removed_after_a_failed_call(kind):
+def test_shared_memory_of_a_failed_call_goes_with_its_object(kind):
     func = faults.CrashOn(1, kind)
-    func.ballast = os.urandom(3 << 20)  # over the spill threshold: shipped through a file
+    func.ballast = os.urandom(3 << 20)  # large: shipped through shared memory, kept while func lives
     raised = {"exit": WorkerCrashedError, "raise": faults.Boom, "hang": TaskTimeoutError}[kind]
     with pytest.raises(raised):
         pmap(func, range(4), chunksize=1, timeout=0.5 if kind == "hang" else None, **kw("stdlib", "fork"))
+    del func
+    gc.collect()
     assert spill_files(os.getpid()) == []
 
 

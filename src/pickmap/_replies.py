@@ -117,7 +117,7 @@ def unsendable_item(call: Call, start: int, items: list[Any]) -> SerializationEr
     serializer, backend = call.serializer, call.backend.name
     for offset, item in enumerate(items):
         try:
-            if copies_locks([serializer.dump(item).data]):
+            if copies_locks(serializer.dump(item).data):
                 raise TypeError("it holds a threading lock, which must not be copied into a worker process")
         except Exception as exc:  # noqa: BLE001
             capable = [b for b in capable_backends(call.func, [item]) if b != backend]

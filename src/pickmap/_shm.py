@@ -22,6 +22,7 @@ import atexit
 import itertools
 import mmap
 import os
+import sys
 import tempfile
 import threading
 from typing import Any, Iterable, NamedTuple
@@ -103,11 +104,25 @@ def write(buffers: list[memoryview], *, caller_pid: int, writer: str, reader_unl
     return None
 
 
-def map_segment(path: str, *, writable: bool) -> mmap.mmap:
-    """Map a whole segment: read-only, or private and writable (copy-on-write: no copy until written)."""
+# Before 3.13 an mmap object keeps a duplicate of the file's descriptor open
+# while it lives: results a caller keeps would each hold one, and a few
+# thousand would exhaust the process's descriptors. There, a writable segment
+# (items, results: read once, by one reader) is read into memory instead.
+_MAP_WITHOUT_FD = sys.version_info >= (3, 13)
+
+
+def map_segment(path: str, *, writable: bool) -> Any:
+    """A whole segment as a buffer: a read-only mapping, or private writable memory
+    (copy-on-write mapping where an mmap can drop its descriptor, else one read)."""
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
-        return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY if writable else mmap.ACCESS_READ)
+        if not writable:
+            return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
+        if _MAP_WITHOUT_FD:
+            return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY, trackfd=False)  # type: ignore[call-arg]
+        buffer = bytearray(size)
+        file.readinto(buffer)
+        return buffer
 
 
 def _remove(path: str) -> None:

@@ -107,7 +107,7 @@ class Call:
 
     def items_payload(self, seq: int, items: list[Any]) -> Any:
         payload = self.serializer.dump(items)
-        if self.serializer.by_value and copies_locks([payload.data]):
+        if self.serializer.by_value and copies_locks(payload.data):
             raise TypeError("an item holds a threading lock")  # the probe's rule, for every chunk
         if self.uses_shared_memory:
             payload = _wire.share(payload, transient=True, writer="c")

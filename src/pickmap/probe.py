@@ -1,16 +1,19 @@
 """The capability probe: which backend can carry this callable and these items?
 
 For each backend on the ladder (``registry.LADDER``: stdlib, cloudpickle,
-dill, thread) the probe makes a real round trip — ``dumps`` then ``loads`` —
-of the callable and of a sample of the items, then checks the by-reference
-trap (``serializers.main_references``): a pickle that names a ``__main__``
-object loads here but not in a spawn/forkserver worker, nor in a warm worker
-forked before the object was defined. A pickle that would copy a threading
-lock into a worker (dill can) is refused too: the copy guards nothing shared,
-so objects holding locks go to threads. The first backend that passes wins.
+dill, thread) the probe makes a real round trip — ``dump`` then
+``trial_load`` — of the callable and of a sample of the items, checking the
+by-reference trap (``serializers.main_references``) in between: a pickle that
+names a ``__main__`` object, or imports the ``__main__`` module itself, loads
+here but not in a spawn/forkserver worker, nor in a warm worker forked before
+the object was defined. A pickle that would copy a threading lock into a
+worker (dill can) is refused too: the copy guards nothing shared, so objects
+holding locks go to threads. The first backend that passes wins.
 
-Cost: the winning trial's bytes are the bytes shipped to workers, so a 50 MB
-callable is serialized once per call. Verdicts are cached per callable (weakly,
+Cost: the winning trial's pickle is what is shipped to workers, so a 50 MB
+callable is serialized once per call. Large buffers (arrays) stay out of band
+as views of the caller's memory and the trial loads from those same views, so
+probing costs no copy of them. Verdicts are cached per callable (weakly,
 so the cache never keeps a closure alive); a cached verdict is re-checked by
 the one serialization the call needs anyway, and a verdict that no longer
 holds (the object changed) sends the probe back down the ladder.
@@ -24,7 +27,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from .backends.base import Backend
 from .registry import LADDER, available_backends, get_backend
-from .serializers import copies_locks, get_serializer, main_references
+from .serializers import _MAIN_MODULES, Pickled, copies_locks, get_serializer, main_references
 
 __all__ = ("Plan", "Verdict", "try_backend", "choose", "capable_backends")
 
@@ -71,38 +74,65 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _trap(data: bytes, what: str) -> str | None:
+    """Why the pickle stream ``data`` would load here but be wrong in a worker, or None."""
+    refs = main_references(data)  # first: a pickle of __main__ itself holds anything, locks too
+    if refs and refs[0] in _MAIN_MODULES:
+        return (
+            f"{what} imports the {refs[0]} module itself, which in a worker process is the worker's "
+            f"own main module, not this one"
+        )
+    if refs:
+        return (
+            f"{what} refers to {refs[0]} by name, which a worker process cannot import "
+            f"(spawn/forkserver, or a worker started before it was defined)"
+        )
+    if copies_locks(data):
+        return (
+            f"{what} holds a threading lock; a copy in a worker process would no longer "
+            f"lock anything shared with this process (threads share it)"
+        )
+    return None
+
+
 def _round_trip(serializer_name: str, obj: Any, what: str, *, load: bool = True) -> tuple[str | None, Any]:
-    """``(failure reason or None, pickle parts)`` for one object; ``load=False`` skips the loads half."""
+    """``(failure reason or None, Pickled)`` for one object; ``load=False`` skips the load half.
+
+    The traps are checked before the trial load: they need only the stream,
+    and loading a pickle that imports ``__main__`` can write into this
+    process's ``__main__`` (dill carries the module as "import it, then
+    overwrite its namespace"). The trial load reuses the dump's buffers, so
+    probing a 400 MB ``self`` copies none of it.
+    """
     serializer = get_serializer(serializer_name)
     if not serializer.by_value:
         return None, obj
     try:
-        data = serializer.dump(obj)
-        if load:
-            serializer.trial_load(data)
+        pickled = serializer.dump(obj)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot carry"
         return f"{what}: {_first_line(exc)}", None
-    if copies_locks([data.data]):
-        return (
-            f"{what} holds a threading lock; a copy in a worker process would no longer "
-            f"lock anything shared with this process (threads share it)",
-            None,
-        )
-    refs = main_references([data.data])
-    if refs:
-        return (
-            f"{what} refers to __main__.{refs[0]} by name, which a worker process cannot import "
-            f"(spawn/forkserver, or a worker started before it was defined)",
-            None,
-        )
-    return None, data
+    reason = _trap(pickled.data, what)
+    if reason is not None:
+        return reason, None
+    if load:
+        try:
+            serializer.trial_load(pickled)
+        except Exception as exc:  # noqa: BLE001
+            return f"{what}: {_first_line(exc)}", None
+    return None, pickled
+
+
+def _size(pickled: Pickled) -> str:
+    out_of_band = pickled.nbytes - len(pickled.data)
+    return f"{pickled.nbytes:,} bytes, {out_of_band:,} out of band" if out_of_band else f"{pickled.nbytes:,} bytes"
 
 
 def try_backend(
     name: str | Backend, func: Callable[..., Any], sample: Sequence[Any], *, setup: Any = None, load: bool = True
 ) -> tuple[Verdict, Any, Any]:
     """One backend's verdict (by name, or a backend instance), with the callable's and
-    the ``setup`` (initializer, initargs) pickle parts when it passes."""
+    the ``setup`` (initializer, initargs) :class:`~pickmap.serializers.Pickled` when it
+    passes (the objects themselves for in-memory backends)."""
     backend = get_backend(name) if isinstance(name, str) else name
     name = backend.name
     serializer_name = backend.serializer
@@ -120,7 +150,7 @@ def try_backend(
         return Verdict(name, False, reason), None, None
     if not get_serializer(serializer_name).by_value:
         return Verdict(name, True, "shares memory with the caller: nothing is serialized"), payload, init_payload
-    return Verdict(name, True, f"round trip ok ({payload.nbytes:,} bytes)"), payload, init_payload
+    return Verdict(name, True, f"round trip ok ({_size(payload)})"), payload, init_payload
 
 
 # --------------------------------------------------------------------------- verdict cache
@@ -156,7 +186,7 @@ def _remember(func: Any, sample: Sequence[Any], backend: str) -> None:
 def choose(
     func: Callable[..., Any], sample: Sequence[Any], setup: Any = None, *, use_cache: bool = True
 ) -> tuple[str, Any, Any, tuple[Verdict, ...]]:
-    """Walk the ladder: ``(backend, callable parts, setup parts, verdicts so far)``.
+    """Walk the ladder: ``(backend, callable Pickled, setup Pickled, verdicts so far)``.
 
     Calls with an initializer are neither looked up nor remembered: the
     verdict then depends on the initializer too.

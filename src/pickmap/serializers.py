@@ -1,23 +1,48 @@
 """How objects become bytes for each process backend, and how the probe tests that.
 
-A :class:`Serializer` is a pair ``dumps``/``loads`` with a name. Workers look
-their serializer up by name (:func:`get_serializer`), so only the name crosses
-the process boundary at worker start.
+A :class:`Serializer` has a name; workers look theirs up by name
+(:func:`get_serializer`), so only the name crosses the process boundary at
+worker start. Two pairs of methods:
 
-- ``stdlib``: the C pickler with a *private* dispatch table that adds a
-  copyreg-style reducer for bound methods. The global ``copyreg`` registry and
-  ``pickle`` module state of the user's process are never touched.
+- ``dump``/``load`` speak :class:`Pickled`: the pickle stream (protocol 5)
+  plus its *out-of-band* buffers. Every contiguous buffer of at least
+  :data:`OOB_MIN_BYTES` that an object exposes through ``PickleBuffer``
+  (numpy arrays, C- or F-ordered; pandas blocks; bytearray; and large
+  ``bytes``, see below) stays out of the stream as a flat view of the
+  *original* memory: dumping copies nothing, and ``trial_load`` (the probe's
+  round trip in the caller) loads from those same views, so a 400 MB ``self``
+  costs no copy to probe.
+- ``dumps``/``loads``: bytes in, bytes out, everything in band.
+
+Serializers:
+
+- ``stdlib``: the C pickler with a *private* dispatch table (copyreg's table,
+  read afresh for every pickler, plus a reducer for bound methods). The
+  global ``copyreg`` registry and ``pickle`` module state of the user's
+  process are never touched.
 - ``cloudpickle``: cloudpickle for dumping (by value where needed), the C
   unpickler for loading.
 - ``dill``: dill with ``recurse=True``, so a ``__main__`` function carries the
   globals it uses instead of expecting them in the worker's ``__main__``.
 - ``identity``: no bytes at all; thread and serial workers share memory.
 
+Large ``bytes``/``bytearray``: the C pickler writes these itself before it
+consults any dispatch table or ``reducer_override``, so no reducer can turn
+them into a ``PickleBuffer``; only ``persistent_id`` sees them. Calling a
+Python ``persistent_id`` for every object makes small-object pickling 2-4x
+slower, so ``dump`` runs it only in a second pass, when the first (fast) pass
+saw one written in band (:class:`_StreamSink`). They travel as the persistent
+id ``(bytes or bytearray, PickleBuffer)`` and are rebuilt by
+``persistent_load``: one copy on load (none for ``bytes`` when the buffer
+handed to ``load`` is a whole ``bytes`` object), none in the probe's trial.
+
 :func:`main_references` finds the by-reference trap: a pickle that names a
-``__main__`` object (``GLOBAL '__main__ f'``) loads in this process but not in
-a spawn/forkserver worker, nor in a fork worker started before ``f`` existed.
-:func:`copies_locks` finds a pickle that would rebuild a threading lock in the
-worker: it loads, but the copy no longer guards anything shared.
+``__main__`` object (``GLOBAL '__main__ f'``), or imports the ``__main__``
+module itself, loads in this process but not in a spawn/forkserver worker,
+nor in a fork worker started before ``f`` existed. :func:`copies_locks` finds
+a pickle that would rebuild a threading lock in the worker: it loads, but the
+copy no longer guards anything shared. Both read only the pickle stream:
+out-of-band buffers are raw data, never opcodes.
 """
 
 from __future__ import annotations
@@ -27,83 +52,56 @@ import functools
 import io
 import pickle
 import pickletools
+import sys
 import types
 from typing import Any, Callable, ClassVar, NamedTuple
 
-__all__ = ("Pickled", "Serializer", "get_serializer", "main_references", "copies_locks")
+__all__ = (
+    "OOB_MIN_BYTES",
+    "Pickled",
+    "Serializer",
+    "get_serializer",
+    "main_references",
+    "copies_locks",
+)
 
-#: Buffers smaller than this stay in the pickle stream.
+_MAIN_MODULES = ("__main__", "__mp_main__")
+_PROTOCOL = 5  # the first with out-of-band buffers (NEXT_BUFFER); every supported Python has it
+
+#: Buffers smaller than this stay in band: below it, a separate buffer costs
+#: more (a frame, a mapping) than copying it into the stream.
 OOB_MIN_BYTES = 64 * 1024
 
 
 class Pickled(NamedTuple):
     """A serialized object: the pickle stream plus its out-of-band buffers."""
 
-    data: Any  # bytes (or any bytes-like object once it has crossed a transport)
-    buffers: tuple[Any, ...] = ()  # flat views of the original memory, never copied
+    data: bytes  # the pickle stream (opcodes + small in-band data)
+    # Out-of-band buffers, each a flat (1-D, format 'B') view of the ORIGINAL memory, never copied.
+    buffers: tuple[memoryview, ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return len(self.data) + sum(getattr(b, "nbytes", 0) for b in self.buffers)
-
-
-def _keep_large_out_of_band(collected: list[Any]) -> Callable[[pickle.PickleBuffer], bool]:
-    def callback(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            raw = buffer.raw()
-        except BufferError:  # not contiguous: the pickler copies it in-band
-            return True
-        if raw.nbytes < OOB_MIN_BYTES:
-            return True
-        collected.append(raw)
-        return False
-
-    return callback
-
-_MAIN_MODULES = ("__main__", "__mp_main__")
-
-
-class _Parts:
-    """A write-only file that keeps what it is given: large ``bytes`` pass through uncopied."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        self.parts.append(bytes(data) if not isinstance(data, bytes) else data)
-        return len(data)
-
-
-class PartsReader(io.RawIOBase):
-    """Reads a list of byte strings as one stream, without joining them first."""
-
-    def __init__(self, parts: list[bytes]) -> None:
-        self._parts = parts
-        self._index = 0
-        self._offset = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        filled = 0
-        while filled < len(view) and self._index < len(self._parts):
-            part = self._parts[self._index]
-            take = min(len(view) - filled, len(part) - self._offset)
-            view[filled : filled + take] = part[self._offset : self._offset + take]
-            filled += take
-            self._offset += take
-            if self._offset == len(part):
-                self._index, self._offset = self._index + 1, 0
-        return filled
+        return len(self.data) + sum(buffer.nbytes for buffer in self.buffers)
 
 
 class Serializer:
-    """A named ``dumps``/``loads`` pair. ``by_value`` is False for in-memory transports."""
+    """A named serializer. ``by_value`` is False for in-memory transports."""
 
     name: ClassVar[str]
     by_value: ClassVar[bool] = True
+
+    def dump(self, obj: Any) -> Pickled:
+        raise NotImplementedError
+
+    def load(self, pickled: Pickled) -> Any:
+        raise NotImplementedError
+
+    def trial_load(self, pickled: Pickled) -> Any:
+        """``load`` for the probe's round trip in the caller's process: no side effects,
+        and no copy of the buffers (the loaded object's arrays are read-only views of the
+        original memory)."""
+        return self.load(pickled)
 
     def dumps(self, obj: Any) -> Any:
         raise NotImplementedError
@@ -111,30 +109,126 @@ class Serializer:
     def loads(self, data: Any) -> Any:
         raise NotImplementedError
 
-    def dump_parts(self, obj: Any) -> list[bytes]:
-        """The pickle as a list of pieces; large buffers are not copied (see ``_Parts``)."""
-        return [self.dumps(obj)]
 
-    def trial_loads(self, parts: list[bytes]) -> Any:
-        """``loads`` for the probe's round trip in the caller's process: no side effects."""
-        return self.loads(b"".join(parts))
+# --------------------------------------------------------------------------- out-of-band plumbing
+class _BufferCollector:
+    """A ``buffer_callback``: keeps large contiguous buffers out of band, uncopied."""
 
-    def _pickler(self, file: Any, buffer_callback: Any) -> Any:
-        return pickle.Pickler(file, protocol=5, buffer_callback=buffer_callback)
+    __slots__ = ("buffers",)
 
-    def dump(self, obj: Any) -> Pickled:
-        """Protocol 5, large contiguous buffers out of band (uncopied)."""
-        buffers: list[Any] = []
-        stream = io.BytesIO()
-        self._pickler(stream, _keep_large_out_of_band(buffers)).dump(obj)
-        return Pickled(stream.getvalue(), tuple(buffers))
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
 
-    def load(self, pickled: Pickled) -> Any:
-        return pickle.loads(pickled.data, buffers=pickled.buffers)
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: in band, where pickle itself reports it
+            return True
+        if view.nbytes < OOB_MIN_BYTES:
+            view.release()
+            return True  # true means "in band"
+        self.buffers.append(view)
+        return False
 
-    def trial_load(self, pickled: Pickled) -> Any:
-        """The probe's side-effect-free load in the caller, reusing the same buffers."""
-        return self.load(pickled)
+
+def _announces(previous: Any, size: int) -> bool:
+    """True when ``previous`` ends with the opcode that introduces ``size`` bytes of
+    ``bytes`` (BINBYTES, BINBYTES8) or ``bytearray`` (BYTEARRAY8) data."""
+    tail = bytes(memoryview(previous)[-9:])
+    return tail[-5:] == b"B" + size.to_bytes(4, "little") or tail in (
+        b"\x8e" + size.to_bytes(8, "little"),
+        b"\x96" + size.to_bytes(8, "little"),
+    )
+
+
+class _StreamSink:
+    """The C pickler's file: keeps the stream's pieces, and notices a large
+    ``bytes``/``bytearray`` written in band.
+
+    The C pickler hands a payload of 64 KiB or more to ``write`` as the
+    original object, right after a write that ends with the opcode announcing
+    it; frames never look like that.
+    """
+
+    __slots__ = ("parts", "large_bytes_in_band")
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self.large_bytes_in_band = False
+
+    def write(self, chunk: Any) -> None:
+        kind = type(chunk)
+        if (
+            (kind is bytes or kind is bytearray)
+            and len(chunk) >= OOB_MIN_BYTES
+            and self.parts
+            and _announces(self.parts[-1], len(chunk))
+        ):
+            self.large_bytes_in_band = True
+        self.parts.append(chunk)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def _large_bytes_id(obj: Any) -> Any:
+    """The persistent id of a ``bytes``/``bytearray`` worth carrying out of band, else None."""
+    kind = type(obj)
+    if (kind is bytes or kind is bytearray) and len(obj) >= OOB_MIN_BYTES:
+        return (kind, pickle.PickleBuffer(obj))
+    return None
+
+
+def _bytes_from_buffer(pid: Any, *, reuse_original: bool) -> Any:
+    """Rebuilds a large ``bytes``/``bytearray`` from its persistent id.
+
+    A ``bytes`` whose buffer is a whole ``bytes`` object is that object (it is
+    immutable, so sharing it is safe). ``reuse_original`` (the probe's trial,
+    whose buffers are views of the caller's own objects) returns the original
+    ``bytearray`` too instead of copying it.
+    """
+    if not (isinstance(pid, tuple) and len(pid) == 2 and pid[0] in (bytes, bytearray)):
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.80}")
+    kind, buffer = pid
+    view = memoryview(buffer)
+    base = view.obj
+    if type(base) is kind and len(base) == view.nbytes and (kind is bytes or reuse_original):
+        return base
+    return kind(view)
+
+
+class _Unpickler(pickle.Unpickler):
+    """The C unpickler, plus the persistent ids ``dump`` writes for large bytes."""
+
+    reuse_original = False
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _bytes_from_buffer(pid, reuse_original=self.reuse_original)
+
+
+class _TrialUnpickler(_Unpickler):
+    reuse_original = True
+
+
+def _read_only(buffers: tuple[memoryview, ...]) -> tuple[memoryview, ...]:
+    # The trial loads views of the caller's own memory: read-only, so nothing a
+    # __setstate__ does while probing can write into the caller's arrays.
+    return tuple(buffer.toreadonly() for buffer in buffers)
+
+
+def _load_with(unpickler: type[pickle.Unpickler], pickled: Pickled) -> Any:
+    return unpickler(io.BytesIO(pickled.data), buffers=pickled.buffers).load()
+
+
+def _dump_two_pass(fast: Callable[..., Any], with_bytes: Callable[..., Any], obj: Any) -> Pickled:
+    """Dumps with the C pickler class ``fast``; again with ``with_bytes`` (the
+    same plus ``persistent_id``) only if the first pass wrote large bytes in band."""
+    sink, collector = _StreamSink(), _BufferCollector()
+    fast(sink, protocol=_PROTOCOL, buffer_callback=collector).dump(obj)
+    if sink.large_bytes_in_band:
+        sink, collector = _StreamSink(), _BufferCollector()
+        with_bytes(sink, protocol=_PROTOCOL, buffer_callback=collector).dump(obj)
+    return Pickled(sink.getvalue(), tuple(collector.buffers))
 
 
 # --------------------------------------------------------------------------- stdlib
@@ -171,14 +265,37 @@ def _reduce_bound_method(method: types.MethodType) -> tuple[Any, tuple[Any, ...]
     return _bind, (method.__func__, method.__self__)
 
 
+_STDLIB_REDUCERS: dict[type, Callable[[Any], Any]] = {types.MethodType: _reduce_bound_method}
+
+
 class _StdlibPickler(pickle.Pickler):
-    # A private table: copyreg's global registry plus our reducers, resolved
-    # per pickler, so the user's process-wide pickle behaviour is unchanged.
-    dispatch_table = {**copyreg.dispatch_table, types.MethodType: _reduce_bound_method}
+    @property
+    def dispatch_table(self) -> dict[type, Callable[[Any], Any]]:  # type: ignore[override]
+        # Read once by each pickler as it is made: copyreg's table as it is
+        # *now* (numpy registers its ufunc reducer when imported, maybe after
+        # pickmap), plus ours, in a fresh dict, so the user's process-wide
+        # pickle behaviour is never changed.
+        return {**copyreg.dispatch_table, **_STDLIB_REDUCERS}
+
+
+class _StdlibBytesPickler(_StdlibPickler):
+    def persistent_id(self, obj: Any) -> Any:
+        return _large_bytes_id(obj)
 
 
 class StdlibSerializer(Serializer):
     name = "stdlib"
+
+    def dump(self, obj: Any) -> Pickled:
+        return _dump_two_pass(_StdlibPickler, _StdlibBytesPickler, obj)
+
+    def load(self, pickled: Pickled) -> Any:
+        if not pickled.buffers:  # persistent ids always come with a buffer
+            return pickle.loads(pickled.data)
+        return _load_with(_Unpickler, pickled)
+
+    def trial_load(self, pickled: Pickled) -> Any:
+        return _load_with(_TrialUnpickler, pickled._replace(buffers=_read_only(pickled.buffers)))
 
     def dumps(self, obj: Any) -> bytes:
         buffer = io.BytesIO()
@@ -187,20 +304,9 @@ class StdlibSerializer(Serializer):
 
     loads = staticmethod(pickle.loads)  # type: ignore[assignment]
 
-    def _pickler(self, file: Any, buffer_callback: Any) -> Any:
-        return _StdlibPickler(file, protocol=5, buffer_callback=buffer_callback)
 
-    def dump_parts(self, obj: Any) -> list[bytes]:
-        sink = _Parts()
-        _StdlibPickler(sink, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-        return sink.parts
-
-    def trial_loads(self, parts: list[bytes]) -> Any:
-        return pickle.Unpickler(PartsReader(parts)).load()
-
-
-# --------------------------------------------------------------------------- cloudpickle / dill
-class _UntrackedUnpickler(pickle.Unpickler):
+# --------------------------------------------------------------------------- cloudpickle
+class _UntrackedUnpickler(_TrialUnpickler):
     """Loads cloudpickle output without touching the caller's own classes.
 
     A by-value class carries a tracker id; cloudpickle resolves it to the
@@ -225,8 +331,31 @@ def _untracked(builder: Callable[..., Any], *args: Any) -> Any:
     return builder(*bound.args, **bound.kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def _cloudpicklers() -> tuple[type, type]:
+    """``(CloudPickler, the same with persistent_id)``; cloudpickle is imported on first use."""
+    import cloudpickle
+
+    class _CloudBytesPickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+        def persistent_id(self, obj: Any) -> Any:
+            return _large_bytes_id(obj)
+
+    return cloudpickle.CloudPickler, _CloudBytesPickler
+
+
 class CloudpickleSerializer(Serializer):
     name = "cloudpickle"
+
+    def dump(self, obj: Any) -> Pickled:
+        return _dump_two_pass(*_cloudpicklers(), obj)
+
+    def load(self, pickled: Pickled) -> Any:
+        if not pickled.buffers:
+            return pickle.loads(pickled.data)
+        return _load_with(_Unpickler, pickled)
+
+    def trial_load(self, pickled: Pickled) -> Any:
+        return _load_with(_UntrackedUnpickler, pickled._replace(buffers=_read_only(pickled.buffers)))
 
     def dumps(self, obj: Any) -> bytes:
         import cloudpickle
@@ -235,27 +364,76 @@ class CloudpickleSerializer(Serializer):
 
     loads = staticmethod(pickle.loads)  # type: ignore[assignment]
 
-    def dump_parts(self, obj: Any) -> list[bytes]:
-        import cloudpickle
 
-        sink = _Parts()
-        cloudpickle.CloudPickler(sink, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-        return sink.parts
+# --------------------------------------------------------------------------- dill
+class _DispatchWithout:
+    """dill's dispatch table minus one type (the exact ``numpy.ndarray``).
 
-    def trial_loads(self, parts: list[bytes]) -> Any:
-        return _UntrackedUnpickler(PartsReader(parts)).load()
+    dill saves every ndarray through ``ndarray.__reduce__()`` (protocol 2: the
+    data as in-band bytes); without its entry the pickler uses
+    ``__reduce_ex__(5)``, numpy's ``PickleBuffer`` path. Subclasses (memmap,
+    matrix) keep dill's handling, which also carries their ``__dict__``.
+    """
 
-    def _pickler(self, file: Any, buffer_callback: Any) -> Any:
-        import cloudpickle
+    __slots__ = ("_table", "_skipped")
 
-        return cloudpickle.CloudPickler(file, protocol=5, buffer_callback=buffer_callback)
+    def __init__(self, table: Any, skipped: type) -> None:
+        self._table = table
+        self._skipped = skipped
 
-    def trial_load(self, pickled: Pickled) -> Any:
-        return _UntrackedUnpickler(io.BytesIO(pickled.data), buffers=pickled.buffers).load()
+    def get(self, kind: type, default: Any = None) -> Any:
+        return default if kind is self._skipped else self._table.get(kind, default)
+
+
+@functools.lru_cache(maxsize=None)
+def _dill_classes() -> tuple[type, type, type]:
+    """``(pickler, unpickler, trial unpickler)``; dill is imported on first use."""
+    import dill
+
+    class _DillPickler(dill.Pickler):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)  # no numpy loaded: no arrays
+            if ndarray is not None:
+                self.dispatch = _DispatchWithout(type(self).dispatch, ndarray)
+
+        # dill's pickler is the pure-Python one, where persistent_id is a small
+        # share of the cost: always on, no second pass.
+        def persistent_id(self, obj: Any) -> Any:
+            return _large_bytes_id(obj)
+
+    class _DillUnpickler(dill.Unpickler):  # type: ignore[misc]
+        reuse_original = False
+
+        def persistent_load(self, pid: Any) -> Any:
+            return _bytes_from_buffer(pid, reuse_original=self.reuse_original)
+
+    class _DillTrialUnpickler(_DillUnpickler):
+        reuse_original = True
+
+    return _DillPickler, _DillUnpickler, _DillTrialUnpickler
 
 
 class DillSerializer(Serializer):
     name = "dill"
+
+    def dump(self, obj: Any) -> Pickled:
+        pickler_class = _dill_classes()[0]
+        sink, collector = io.BytesIO(), _BufferCollector()
+        try:
+            pickler = pickler_class(sink, _PROTOCOL, recurse=True, buffer_callback=collector)
+        except TypeError:
+            # A dill whose Pickler does not pass buffer_callback on (older than
+            # 0.3.6): every buffer in band, the persistent ids' too.
+            pickler = pickler_class(sink, _PROTOCOL, recurse=True)
+        pickler.dump(obj)
+        return Pickled(sink.getvalue(), tuple(collector.buffers))
+
+    def load(self, pickled: Pickled) -> Any:
+        return _load_with(_dill_classes()[1], pickled)
+
+    def trial_load(self, pickled: Pickled) -> Any:
+        return _load_with(_dill_classes()[2], pickled._replace(buffers=_read_only(pickled.buffers)))
 
     def dumps(self, obj: Any) -> bytes:
         import dill
@@ -267,35 +445,13 @@ class DillSerializer(Serializer):
 
         return dill.loads(data)
 
-    def _pickler(self, file: Any, buffer_callback: Any) -> Any:
-        import dill
 
-        return dill.Pickler(file, protocol=5, recurse=True, buffer_callback=buffer_callback)
-
-    def load(self, pickled: Pickled) -> Any:
-        import dill
-
-        return dill.Unpickler(io.BytesIO(pickled.data), buffers=pickled.buffers).load()
-
-    def dump_parts(self, obj: Any) -> list[bytes]:
-        import dill
-
-        sink = _Parts()
-        dill.dump(obj, sink, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
-        return sink.parts
-
-
+# --------------------------------------------------------------------------- identity
 class IdentitySerializer(Serializer):
     """Threads and the serial backend pass references: nothing is copied."""
 
     name = "identity"
     by_value = False
-
-    def dumps(self, obj: Any) -> Any:
-        return obj
-
-    def loads(self, data: Any) -> Any:
-        return data
 
     def dump(self, obj: Any) -> Any:
         return obj
@@ -303,7 +459,11 @@ class IdentitySerializer(Serializer):
     def load(self, pickled: Any) -> Any:
         return pickled
 
-    trial_load = load
+    def dumps(self, obj: Any) -> Any:
+        return obj
+
+    def loads(self, data: Any) -> Any:
+        return data
 
 
 _SERIALIZERS: dict[str, Callable[[], Serializer]] = {
@@ -324,14 +484,42 @@ def get_serializer(name: str) -> Serializer:
 _STRING_OPS = frozenset(
     {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 )
+# Functions that pickles call to import a module by name: cloudpickle's
+# by-reference modules, dill's modules (by reference, or by value as
+# "import it, then overwrite its namespace"), and the plain ways.
+_IMPORTERS = frozenset(
+    {
+        ("cloudpickle.cloudpickle", "subimport"),
+        ("cloudpickle.cloudpickle_fast", "subimport"),
+        ("dill._dill", "_import_module"),
+        ("dill.dill", "_import_module"),
+        ("importlib", "import_module"),
+        ("builtins", "__import__"),
+    }
+)
+_TUPLE_SIZES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+# dill's reference to the unpickling process's own ``__main__.__dict__``.
+_MAIN_DICT = ("__builtin__", "__main__")
 
 
-def _globals_in(parts: list[bytes]) -> list[tuple[str, str]]:
-    """Every ``(module, name)`` the pickle imports by name (GLOBAL / STACK_GLOBAL)."""
-    found: list[tuple[str, str]] = []
+class _Importer:
+    """Stands in, on the modelled stack, for a global that imports modules."""
+
+
+_IMPORTER = _Importer()
+
+
+class _Names(NamedTuple):
+    globals: list[tuple[str, str]]  # every (module, name) imported by GLOBAL / STACK_GLOBAL
+    modules: list[str]  # every module a pickled call to an importer imports
+
+
+def _names_in(data: bytes) -> _Names:
+    """The globals and modules the pickle stream ``data`` imports by name."""
+    found = _Names([], [])
     memo: dict[int, Any] = {}
-    pushed: list[Any] = []  # recent pushes, strings kept, anything else as None
-    for opcode, arg, _pos in pickletools.genops(b"".join(parts)):
+    pushed: list[Any] = []  # recent pushes: strings and the importer marker kept, anything else None
+    for opcode, arg, _pos in pickletools.genops(data):
         op = opcode.name
         if op in _STRING_OPS:
             pushed.append(arg)
@@ -341,13 +529,21 @@ def _globals_in(parts: list[bytes]) -> list[tuple[str, str]]:
             memo[int(arg)] = pushed[-1] if pushed else None
         elif op in ("BINGET", "LONG_BINGET", "GET"):
             pushed.append(memo.get(int(arg)))
-        elif op == "GLOBAL":
-            module, _, name = str(arg).partition(" ")
-            found.append((module, name))
-            pushed.append(None)
-        elif op == "STACK_GLOBAL":
-            if len(pushed) >= 2 and isinstance(pushed[-2], str):
-                found.append((pushed[-2], str(pushed[-1])))
+        elif op == "GLOBAL" or op == "STACK_GLOBAL":
+            if op == "GLOBAL":
+                module, _, name = str(arg).partition(" ")
+            elif len(pushed) >= 2 and isinstance(pushed[-2], str):
+                module, name = pushed[-2], str(pushed[-1])
+            else:
+                module = name = ""
+            if module:
+                found.globals.append((module, name))
+            pushed.append(_IMPORTER if (module, name) in _IMPORTERS else None)
+        elif op in _TUPLE_SIZES:
+            size = _TUPLE_SIZES[op]
+            # importer, then the args tuple's first item: the module's name
+            if len(pushed) > size and pushed[-size - 1] is _IMPORTER and isinstance(pushed[-size], str):
+                found.modules.append(pushed[-size])
             pushed.append(None)
         elif opcode.stack_after:
             pushed.append(None)
@@ -356,36 +552,36 @@ def _globals_in(parts: list[bytes]) -> list[tuple[str, str]]:
     return found
 
 
-# Picklers write opcodes in frames of about 64 KiB and hand the contents of
-# larger buffers (a 50 MB ``bytes``) to ``write`` on their own: a part above this size
-# is data, never an opcode, so the name checks below need not scan it.
-_RAW_PART = 256 * 1024
+def _mentions(data: bytes, needles: tuple[str, ...]) -> bool:
+    return any(needle.encode() in data for needle in needles)
 
 
-def _mentions(parts: list[bytes], needles: tuple[str, ...]) -> bool:
-    return any(n.encode() in part for part in parts if len(part) <= _RAW_PART for n in needles)
+def main_references(data: bytes) -> list[str]:
+    """What of ``__main__`` the pickle stream ``data`` refers to by name, e.g.
+    ``["__main__.f"]``; ``"__main__"`` itself when it imports the module.
 
-
-def main_references(parts: list[bytes]) -> list[str]:
-    """Names of ``__main__`` objects that the pickle in ``parts`` refers to by reference.
-
-    Cheap when there are none: the opcode walk only runs when the opcode
-    frames mention ``__main__`` at all.
+    In a worker, ``__main__`` is the worker's own main module, not the
+    caller's. Cheap when there are none: the opcode walk only runs when the
+    stream mentions ``__main__`` at all.
     """
-    if not _mentions(parts, _MAIN_MODULES):
+    if not _mentions(data, _MAIN_MODULES):
         return []
-    return [name for module, name in _globals_in(parts) if module in _MAIN_MODULES]
+    names = _names_in(data)
+    found = [f"{module}.{name}" for module, name in names.globals if module in _MAIN_MODULES]
+    found += ["__main__.__dict__" for ref in names.globals if ref == _MAIN_DICT]
+    found += [module for module in names.modules if module in _MAIN_MODULES]
+    return found
 
 
 _LOCK_BUILDERS = ("_create_lock", "_create_rlock")
 
 
-def copies_locks(parts: list[bytes]) -> bool:
-    """True when loading the pickle would build a fresh threading lock (dill does).
+def copies_locks(data: bytes) -> bool:
+    """True when loading the pickle stream ``data`` would build a fresh threading lock (dill does).
 
     A lock copied into another process no longer excludes anything shared
     with this one — and a copy of a held lock is held forever there.
     """
-    if not _mentions(parts, _LOCK_BUILDERS):
+    if not _mentions(data, _LOCK_BUILDERS):
         return False
-    return any(name in _LOCK_BUILDERS for _, name in _globals_in(parts))
+    return any(name in _LOCK_BUILDERS for _, name in _names_in(data).globals)
