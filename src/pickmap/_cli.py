@@ -74,8 +74,10 @@ def check_start_method() -> Check:
         return Check(BROKEN, f"start method: {exc}", f"unset {_settings.ENV_START_METHOD} or set it to a valid one")
     details = (
         f"threads in this process (entries in /proc/self/task): {threads}",
-        "fork is the default only while a process runs a single thread; threads started by C libraries "
-        "(a BLAS pool, for one) count too, and a program that runs more threads gets forkserver",
+        (
+            "fork is the default only while a process runs a single thread; threads started by C libraries "
+            "(a BLAS pool, for one) count too, and a program that runs more threads gets forkserver"
+        ),
     )
     if from_env:
         return Check(OK, f"start method: {method} (set by {_settings.ENV_START_METHOD})", details=details)
@@ -110,7 +112,7 @@ def parse_cfs_quota(quota_text: str, period_text: str) -> float | None:
 
 def _own_cgroups(proc_cgroup: Path) -> tuple[str, dict[str, str]]:
     """This process's cgroup v2 path, and its v1 path per controller directory (e.g. ``cpu,cpuacct``)."""
-    v2_path, v1_paths = "/", {}
+    v2_path, v1_paths = "/", dict[str, str]()
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
@@ -209,8 +211,10 @@ def _can_write(directory: str) -> bool:
 
 def check_shm(path: str = SHM_PATH) -> Check:
     details = (
-        f"pickmap writes callables and initializers of 1 MiB or more to a spill file there, once per call; "
-        f"multiprocessing's shared memory lives there too (otherwise in {tempfile.gettempdir()})",
+        (
+            "pickmap writes callables and initializers of 1 MiB or more to a spill file there, once per call; "
+            f"multiprocessing's shared memory lives there too (otherwise in {tempfile.gettempdir()})"
+        ),
     )
     try:
         stats = os.statvfs(path)
@@ -243,10 +247,8 @@ def check_thread_pools() -> Check:
         return Check(OK, f"{title}: not inspected (pip install threadpoolctl to list them)")
     threads_before = _settings._thread_count()
     try:
-        import numpy  # noqa: F401  # loads the BLAS library that threadpoolctl then finds
-        from threadpoolctl import threadpool_info
-
-        pools = threadpool_info()
+        importlib.import_module("numpy")  # loads the BLAS library that threadpoolctl then finds
+        pools = importlib.import_module("threadpoolctl").threadpool_info()
     except Exception as exc:  # a broken numpy or BLAS install
         return Check(WARN, f"{title}: importing numpy failed ({type(exc).__name__}: {exc})", "reinstall numpy")
     started = _settings._thread_count() - threads_before
@@ -261,7 +263,9 @@ def check_thread_pools() -> Check:
             f"importing numpy started {_plural(started, 'thread')} here: a program that imports it before "
             "its first pmap call gets the forkserver start method by default, not fork"
         )
-    details.append("pickmap leaves these pool sizes alone (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS or threadpoolctl set them)")
+    details.append(
+        "pickmap leaves these pool sizes alone (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS or threadpoolctl set them)"
+    )
     return Check(OK, f"{title}: {found or 'none loaded by numpy'}", details=tuple(details))
 
 
@@ -290,7 +294,9 @@ def check_backend(name: str, installed: Sequence[str]) -> Check:
     if name not in installed:
         missing = next((m for m in entry.requires if _is_missing(m)), "?")
         hint = entry.install_hint or f"pip install {missing}"
-        return Check(BROKEN, f"backend {name}: not installed (needs {missing})", hint, (f"registered as {registered_as}",))
+        return Check(
+            BROKEN, f"backend {name}: not installed (needs {missing})", hint, (f"registered as {registered_as}",)
+        )
     try:
         backend = registry.get_backend(name)
     except Exception as exc:
@@ -316,8 +322,10 @@ def check_backend(name: str, installed: Sequence[str]) -> Check:
         workers = min(workers, backend.max_workers)
     details = (
         f"registered as {registered_as}",
-        f"default workers: {workers}, timeout= enforced: {'yes' if backend.enforces_timeout else 'no'}, "
-        f"a stuck worker can be killed: {'yes' if backend.killable else 'no'}",
+        (
+            f"default workers: {workers}, timeout= enforced: {'yes' if backend.enforces_timeout else 'no'}, "
+            f"a stuck worker can be killed: {'yes' if backend.killable else 'no'}"
+        ),
     )
     return Check(OK, f"backend {name}: {runs_in}, {carries}", details=details)
 
@@ -340,15 +348,17 @@ def summarize(checks: Sequence[Check]) -> str:
 
 
 def _marks_for(stream: TextIO) -> tuple[dict[str, str], str]:
-    # An ASCII-only terminal (PYTHONIOENCODING=ascii, an old console) gets ASCII marks, not a crash.
+    # An ASCII-only terminal (PYTHONIOENCODING=ascii, an old console) gets ASCII marks, not a crash;
+    # a stream without an encoding (io.StringIO) holds any text.
     try:
-        "✓✗•".encode(getattr(stream, "encoding", None) or "ascii")
+        "✓✗•".encode(getattr(stream, "encoding", None) or "utf-8")
     except (UnicodeEncodeError, LookupError):
         return ASCII_MARKS, "-"
     return MARKS, "•"
 
 
-def doctor(verbose: bool, out: TextIO = sys.stdout) -> int:
+def doctor(verbose: bool, out: TextIO | None = None) -> int:
+    out = out or sys.stdout  # read at call time: tests and callers may have replaced sys.stdout
     marks, bullet = _marks_for(out)
     hint = "" if verbose else "; -v for details"
     print(f"pickmap {pickmap.__version__} doctor{hint}", file=out)
@@ -386,7 +396,9 @@ def import_module(name: str) -> Any:
             ) from None
         raise UsageError(f"importing {name!r} failed: {_first_line(exc)}; install what it needs") from None
     except (Exception, SystemExit) as exc:  # the module's own code failed (or called sys.exit)
-        raise UsageError(f"importing {name!r} raised {_first_line(exc)}; `python -c 'import {name}'` must work") from None
+        raise UsageError(
+            f"importing {name!r} raised {_first_line(exc)}; `python -c 'import {name}'` must work"
+        ) from None
 
 
 def resolve(module: Any, qualname: str) -> Any:
@@ -451,21 +463,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     doctor_parser = commands.add_parser(
-        "doctor", help="check Python, start method, CPUs, /dev/shm, BLAS pools and backends",
+        "doctor",
+        help="check Python, start method, CPUs, /dev/shm, BLAS pools and backends",
         description="One line per concern (✓ fine, ! warning, ✗ broken), with the fix below it. "
         "Exit status 1 when something is broken.",
-    )  # fmt: skip
+    )
     doctor_parser.add_argument("-v", "--verbose", action="store_true", help="show the details behind each line")
     explain_parser = commands.add_parser(
-        "explain", help="print which backend pmap would choose for a callable, and why",
+        "explain",
+        help="print which backend pmap would choose for a callable, and why",
         description="Import MODULE, find QUALNAME in it and print pickmap.explain()'s plan: the backend, "
         "where the choice came from, and every backend's verdict with its reason.",
-    )  # fmt: skip
+    )
     explain_parser.add_argument("target", metavar="MODULE:QUALNAME", help="e.g. mypackage.tasks:Worker.run")
     explain_parser.add_argument(
-        "--items", default="[0]", metavar="EXPR",
+        "--items",
+        default="[0]",
+        metavar="EXPR",
         help="sample items: a Python expression, evaluated with the module's names available (default: [0])",
-    )  # fmt: skip
+    )
     explain_parser.add_argument("--backend", metavar="NAME", help="a backend to try instead of the probe's choice")
     return parser
 
