@@ -112,7 +112,8 @@ def parse_cfs_quota(quota_text: str, period_text: str) -> float | None:
 
 def _own_cgroups(proc_cgroup: Path) -> tuple[str, dict[str, str]]:
     """This process's cgroup v2 path, and its v1 path per controller directory (e.g. ``cpu,cpuacct``)."""
-    v2_path, v1_paths = "/", dict[str, str]()
+    v2_path = "/"
+    v1_paths: dict[str, str] = {}
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
@@ -154,8 +155,8 @@ def read_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) ->
             continue
         read.append(f"{cpu_max}: {text}")
         limits += [limit] if limit is not None else []
-    mounts = {controllers: root / controllers for controllers in v1_paths}
-    mounts.setdefault("cpu", root / "cpu")  # v1 mounted without /proc/self/cgroup naming it
+    # Without /proc/self/cgroup naming a cpu controller, look where v1 usually mounts it.
+    mounts = {controllers: root / controllers for controllers in v1_paths or {"cpu": "/"}}
     for controllers, mount in mounts.items():
         for directory in _self_and_ancestors(mount, v1_paths.get(controllers, "/")):
             quota_file, period_file = directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us"
@@ -181,7 +182,7 @@ def _affinity() -> tuple[int, str]:
 def check_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> Check:
     affinity, affinity_detail = _affinity()
     quota, files_read = read_cpu_quota(root, proc_cgroup)
-    # A quota of 1.5 CPUs keeps two workers mostly busy: round up, as loky and Go do.
+    # A quota of 1.5 CPUs keeps two workers mostly busy: round up, as joblib's loky does.
     effective = affinity if quota is None else max(1, min(affinity, math.ceil(quota)))
     quota_text = "no cgroup CPU quota" if quota is None else f"cgroup CPU quota {quota:g}"
     summary = f"usable CPUs: {effective} (affinity {affinity} of {os.cpu_count()} CPUs, {quota_text})"
@@ -230,8 +231,9 @@ def check_shm(path: str = SHM_PATH) -> Check:
         return Check(WARN, summary, fix, details)
     if size < SHM_LOW:
         fix = (
-            "small for large callables or arrays (Docker's default is 64 MiB): docker run --shm-size=2g ..., "
-            "compose: shm_size: 2g, Kubernetes: an emptyDir with medium: Memory mounted at /dev/shm"
+            "under 1 GiB (Docker's default is 64 MiB) is small for large callables and shared arrays: "
+            "docker run --shm-size=2g ..., compose: shm_size: 2g, Kubernetes: an emptyDir with medium: Memory "
+            "mounted at /dev/shm"
         )
         return Check(WARN, summary, fix, details)
     if free < SHM_LOW:
