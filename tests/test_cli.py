@@ -243,7 +243,7 @@ def test_v2_max_means_no_quota_but_the_file_is_reported(tmp_path: Path) -> None:
 def test_v2_parent_quota_limits_the_process_cgroup(tmp_path: Path) -> None:
     (tmp_path / "box" / "app").mkdir(parents=True)
     (tmp_path / "box" / "cpu.max").write_text("100000 100000\n")
-    (tmp_path / "box" / "app" / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "box" / "app" / "cpu.max").write_text("300000 100000\n")
     cpus, read = _cli.read_cpu_quota(tmp_path, write_proc_cgroup(tmp_path, "0::/box/app\n"))
     assert cpus == 1.0 and len(read) == 2
 
