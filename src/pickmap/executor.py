@@ -356,10 +356,10 @@ class Executor(_StdExecutor):
         with state.lock:
             if state.broken is not None:
                 raise BrokenExecutor(state.broken)
-            if state.closing:
-                raise RuntimeError("cannot schedule new futures after shutdown")
             if _exiting:
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            if state.closing:
+                raise RuntimeError("cannot schedule new futures after shutdown")
             future: Future[Any] = Future()
             state.pending.setdefault(key, collections.deque()).append(_WorkItem(future, fn, args, kwargs))
             if state.thread is None:
@@ -393,7 +393,7 @@ class Executor(_StdExecutor):
             futures = []
             while chunk := list(_take(items, chunksize)):
                 futures.append(self._enqueue(fn, key, chunk, {}))
-        return _results(futures, deadline, chunked=chunksize > 1)
+        return _MapResults(futures, deadline, chunked=chunksize > 1)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Refuse new work; with ``cancel_futures`` cancel what has not started;
@@ -410,25 +410,45 @@ def _take(items: Iterator[Any], count: int) -> Iterator[Any]:
         yield item
 
 
-def _results(futures: list[Future[Any]], deadline: float | None, *, chunked: bool) -> Iterator[Any]:
-    # Popped from the end so a consumed future is not kept alive by this list.
-    futures.reverse()
-    try:
-        while futures:
-            future = futures.pop()
+class _MapResults(Iterator[Any]):
+    """``map``'s iterator. A class rather than a generator so that closing it,
+    or dropping it, before the first ``next()`` still cancels its queued tasks."""
+
+    def __init__(self, futures: list[Future[Any]], deadline: float | None, chunked: bool) -> None:
+        futures.reverse()  # popped from the end, so a consumed future is not kept alive here
+        self._futures = futures
+        self._deadline = deadline
+        self._chunked = chunked
+        self._values: collections.deque[Any] = collections.deque()
+        self._error: BaseException | None = None  # raised once the chunk's earlier results are out
+
+    def __next__(self) -> Any:
+        while not self._values:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if not self._futures:
+                raise StopIteration
+            future = self._futures.pop()
             try:
-                outcome = future.result(None if deadline is None else deadline - time.monotonic())
+                timeout = None if self._deadline is None else self._deadline - time.monotonic()
+                outcome = future.result(timeout)
             except BaseException:
                 future.cancel()
+                self.close()
                 raise
-            del future
-            if not chunked:
-                yield outcome
-                continue
-            values, error = outcome
-            yield from values
-            if error is not None:
-                raise error
-    finally:
-        for future in futures:
-            future.cancel()
+            if not self._chunked:
+                return outcome
+            values, self._error = outcome
+            self._values.extend(values)
+            if self._error is not None:
+                self.close()  # nothing after a failed item is yielded
+        return self._values.popleft()
+
+    def close(self) -> None:
+        """Cancel every task not yet started; the iterator then ends."""
+        while self._futures:
+            self._futures.pop().cancel()
+
+    def __del__(self) -> None:
+        self.close()
