@@ -16,12 +16,13 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, CancelledError, wait
-from typing import Any, Iterator
-
-import pytest
+from typing import Any
 
 import faults
+import pytest
+
 import pickmap
 from pickmap.executor import Executor
 
@@ -62,7 +63,9 @@ def signal_then_wait(started: threading.Event, release: threading.Event) -> bool
     return release.wait(30)
 
 
-def record(log: list[str], name: str, started: threading.Event | None = None, release: threading.Event | None = None) -> None:
+def record(
+    log: list[str], name: str, started: threading.Event | None = None, release: threading.Event | None = None
+) -> None:
     log.append(name)
     if started is not None and release is not None:
         started.set()
@@ -222,6 +225,24 @@ def test_a_callable_submitted_while_its_group_runs_waits_behind_another_waiting_
         executor.submit(record, log, "same callable, later")
         release.set()
     assert log == ["first", "other callable", "same callable, later"]
+
+
+def test_a_callable_fed_while_its_group_runs_goes_behind_a_waiting_callable() -> None:
+    log: list[str] = []
+    blocker_started, blocker_release = threading.Event(), threading.Event()
+    first_started, first_release = threading.Event(), threading.Event()
+    with Executor(backend="serial") as executor:
+        executor.submit(signal_then_wait, blocker_started, blocker_release)
+        assert blocker_started.wait(30)
+        # Queued together behind the blocker: one group for `record`, then `log.append`.
+        executor.submit(record, log, "first", first_started, first_release)
+        executor.submit(record, log, "second")
+        executor.submit(log.append, "other callable")
+        blocker_release.set()
+        assert first_started.wait(30)
+        executor.submit(record, log, "fed while its group runs")
+        first_release.set()
+    assert log == ["first", "second", "other callable", "fed while its group runs"]
 
 
 def test_submit_refuses_something_that_is_not_callable(executor: Executor) -> None:
@@ -493,7 +514,12 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env["PYTHONPATH"] = os.pathsep.join([SRC, TESTS, env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, *args, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=30, env=env
+        [sys.executable, *args, "-c", textwrap.dedent(code)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
     )
 
 
@@ -575,6 +601,8 @@ def test_main_module_functions_and_lambdas_work_from_a_script(tmp_path: Any, met
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    done = subprocess.run(
+        [sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=60, env=env
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["[0, 3, 6, 9]", "True True"]

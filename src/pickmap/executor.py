@@ -65,16 +65,16 @@ import collections
 import itertools
 import multiprocessing
 import os
-import pickle
 import sys
 import threading
 import time
 import traceback
 import types
 import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import BrokenExecutor, Future
 from concurrent.futures import Executor as _StdExecutor
-from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from .api import imap
 from .errors import RemoteTraceback, WorkerError
@@ -107,16 +107,16 @@ def _travels(exc: BaseException) -> bool:
     """Can ``exc`` come back from this worker as itself? Tried with the
     pickler and with any by-value serializer the worker has loaded (the one
     its backend uses is among them)."""
-    for name in ("pickle", "cloudpickle", "dill"):
-        module = sys.modules.get(name)
-        if module is None:
-            continue
-        try:
-            module.loads(module.dumps(exc))
-            return True
-        except Exception:  # noqa: BLE001 - any failure means "try the next one"
-            continue
-    return False
+    loaded = (sys.modules.get(name) for name in ("pickle", "cloudpickle", "dill"))
+    return any(_round_trips(module, exc) for module in loaded if module is not None)
+
+
+def _round_trips(module: Any, exc: BaseException) -> bool:
+    try:
+        module.loads(module.dumps(exc))
+    except Exception:  # noqa: BLE001 - any failure means "cannot travel this way"
+        return False
+    return True
 
 
 class _Apply:
@@ -174,7 +174,7 @@ def _rebuild(failure: _Failure, fn: Any) -> BaseException:
 
 
 class _WorkItem:
-    __slots__ = ("future", "fn", "args", "kwargs")
+    __slots__ = ("args", "fn", "future", "kwargs")
 
     def __init__(self, future: Future[Any], fn: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> None:
         self.future = future
@@ -262,8 +262,12 @@ def _run_group(state: _State, key: Hashable, fn: Callable[..., Any], owed: int) 
         while True:
             with state.lock:
                 queue = state.pending.get(key)
-                if not queue or (left <= 0 and len(state.pending) > 1):
-                    return  # drained, or another callable is waiting: let it have its turn
+                if not queue:
+                    return
+                if left <= 0 and len(state.pending) > 1:
+                    # Another callable is waiting: it goes first, the rest of this queue after it.
+                    state.pending[key] = state.pending.pop(key)
+                    return
                 item = queue.popleft()
                 if not queue:
                     del state.pending[key]  # a later submit starts a fresh queue at the back
@@ -370,7 +374,7 @@ class Executor(_StdExecutor):
             state.wakeup.notify()
         return future
 
-    def map(  # type: ignore[override] # typeshed's stub names the iterables differently per version
+    def map(
         self,
         fn: Callable[..., T],
         *iterables: Iterable[Any],
