@@ -8,12 +8,20 @@ in reading order:
 - ``api``         pmap / imap / explain: argument checks and selection
 - ``registry``    backend names -> lazily imported classes; PICKMAP_BACKEND
 - ``probe``       can a backend carry this call? (round trips, cached verdicts)
-- ``engine``      the dispatch loop shared by every backend
+- ``engine``      the dispatch loop shared by every backend: scheduling
+- ``_waiting``    .. one poll(2) over replies, deaths and unwritten output
+- ``_replies``    .. replies -> results or exceptions, and their wording
+- ``_deaths``     .. what a death or a timeout does, and what it says
 - ``chunking``    how input is cut into chunks
 - ``pool``        warm worker pools, shutdown()
-- ``_worker``     the worker side and its message protocol
+- ``_protocol``   the messages: named records
+- ``_wire``       how they cross: pipe frames, out-of-band buffers, blobs
+- ``_shm``        shared-memory segments; ``_shipping``: ship once across calls
+- ``_worker``     the worker side (the data-flow diagram), ``run_job``
 - ``serializers`` stdlib (private dispatch table), cloudpickle, dill
-- ``backends/``   one small module per backend
+- ``backends/``   one small module per backend (contract in ``base``)
+- ``executor``    ``pickmap.Executor``: a concurrent.futures.Executor over pmap
+- ``_cli``        ``python -m pickmap doctor | explain``
 - ``errors``      the exception tree
 """
 
@@ -36,10 +44,20 @@ from .registry import available_backends, register_backend
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # Imported on first use: it needs concurrent.futures, which a plain pmap does not.
+    if name == "Executor":
+        from .executor import Executor
+
+        return Executor
+    raise AttributeError(f"module 'pickmap' has no attribute {name!r}")
+
 __all__ = (
     "pmap",
     "imap",
     "explain",
+    "Executor",
     "available_backends",
     "register_backend",
     "shutdown",

@@ -290,8 +290,7 @@ def _is_missing(module: str) -> bool:
 
 
 def check_backend(name: str, installed: Sequence[str]) -> Check:
-    # Read from the private table until the registry has a public accessor for it.
-    entry = registry._REGISTRY[name]
+    entry = registry.registration(name)
     registered_as = entry.factory if isinstance(entry.factory, str) else repr(entry.factory)
     if name not in installed:
         missing = next((m for m in entry.requires if _is_missing(m)), "?")
@@ -306,12 +305,14 @@ def check_backend(name: str, installed: Sequence[str]) -> Check:
         fix = f"check the register_backend({name!r}, ...) call, or reinstall pickmap for a built-in backend"
         return Check(BROKEN, f"backend {name}: cannot be loaded ({type(exc).__name__}: {first_line})", fix)
     process_package = getattr(backend, "process_package", "multiprocessing")
-    if backend.isolated:
+    if backend.processes and not backend.sticky:
+        runs_in = "the processes of a ProcessPoolExecutor it owns"
+    elif backend.processes:
         runs_in = f"processes via {process_package}"
     else:
         runs_in = "the calling thread" if backend.max_workers == 1 else "threads in this process"
     packages = list(entry.requires)
-    if backend.isolated and process_package not in packages and process_package not in sys.stdlib_module_names:
+    if backend.processes and backend.sticky and process_package not in packages and process_package not in sys.stdlib_module_names:
         packages.append(process_package)
     if backend.serializer == "identity":
         carries = "nothing serialized"
@@ -324,10 +325,8 @@ def check_backend(name: str, installed: Sequence[str]) -> Check:
         workers = min(workers, backend.max_workers)
     details = (
         f"registered as {registered_as}",
-        (
-            f"default workers: {workers}, timeout= enforced: {'yes' if backend.enforces_timeout else 'no'}, "
-            f"a stuck worker can be killed: {'yes' if backend.killable else 'no'}"
-        ),
+        f"default workers: {workers}",
+        "capabilities: " + ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in backend.capabilities().items()),
     )
     return Check(OK, f"backend {name}: {runs_in}, {carries}", details=details)
 

@@ -34,7 +34,6 @@ _COMPARE_STEP = 16 << 20
 class _Entry(NamedTuple):
     data: bytes
     shared: Pickled  # the payload with segments
-    mapping_views: tuple[Any, ...]  # read-only views of the segments, for the comparison
 
 
 _SHIPPED: "weakref.WeakKeyDictionary[Any, dict[Any, _Entry]]" = weakref.WeakKeyDictionary()
@@ -61,29 +60,31 @@ def _owner(func: Any) -> tuple[Any, Any]:
     return func, None
 
 
+def _same_as_segment(segment: _shm.Segment, new: memoryview) -> bool:
+    # Mapped only for the comparison: a mapping kept open would hold a descriptor.
+    try:
+        mapping = _shm.map_segment(segment.path, writable=False)
+    except OSError:
+        return False  # gone (swept, or /dev/shm cleaned by hand): ship anew
+    try:
+        return _same_bytes(_shm.view(mapping, segment), new.cast("B"))
+    finally:
+        try:
+            mapping.close()
+        except BufferError:  # a view still alive: the mapping closes when it goes
+            pass
+
+
 def _unchanged(entry: _Entry, payload: Pickled) -> bool:
     if bytes(entry.data) != bytes(payload.data) or len(entry.shared.buffers) != len(payload.buffers):
         return False
-    for old, new, view in zip(entry.shared.buffers, payload.buffers, entry.mapping_views):
+    for old, new in zip(entry.shared.buffers, payload.buffers):
         if isinstance(old, _shm.Segment):
-            if not isinstance(new, memoryview) or not _same_bytes(view, new.cast("B")):
+            if not isinstance(new, memoryview) or not _same_as_segment(old, new):
                 return False
         elif bytes(old) != bytes(new):
             return False
     return True
-
-
-def _views(shared: Pickled) -> tuple[Any, ...]:
-    mappings: dict[str, Any] = {}
-    views = []
-    for buffer in shared.buffers:
-        if isinstance(buffer, _shm.Segment):
-            mapping = mappings.get(buffer.path) or _shm.map_segment(buffer.path, writable=False)
-            mappings[buffer.path] = mapping
-            views.append(_shm.view(mapping, buffer))
-        else:
-            views.append(None)
-    return tuple(views)
 
 
 def _forget(entry: _Entry) -> None:
@@ -108,6 +109,6 @@ def ship(func: Any, payload: Any) -> tuple[Any, list[str]]:
         return payload, []  # no shared memory to be had: the pipe carries it
     if entry is not None:
         _forget(entry)
-    entries[key] = _Entry(bytes(payload.data), shared, _views(shared))
+    entries[key] = _Entry(bytes(payload.data), shared)
     weakref.finalize(owner, _forget, entries[key])
     return shared, []

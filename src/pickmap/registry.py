@@ -26,6 +26,7 @@ __all__ = (
     "get_backend",
     "register_backend",
     "registered_backends",
+    "registration",
     "select_backend",
 )
 
@@ -38,10 +39,15 @@ LADDER = ("stdlib", "cloudpickle", "dill", "thread")
 BackendFactory = Union[str, type[Backend], Callable[[], Backend]]
 
 
-class _Entry(NamedTuple):
+class Registration(NamedTuple):
+    """How a name is registered: what makes the backend, and what it needs installed."""
+
     factory: BackendFactory  # "module:Class" (imported lazily), a class, or a callable
     install_hint: str = ""
     requires: tuple[str, ...] = ()
+
+
+_Entry = Registration
 
 
 _REGISTRY: dict[str, _Entry] = {
@@ -63,6 +69,14 @@ def loaded_backends() -> list[Backend]:
     """The backend instances made so far (``pickmap.shutdown`` releases what they own)."""
     with _LOCK:
         return list(_INSTANCES.values())
+
+
+def registration(name: str) -> Registration:
+    """The registration of ``name`` (``UnknownBackendError`` if there is none)."""
+    entry = _REGISTRY.get(_canonical(name))
+    if entry is None:
+        raise UnknownBackendError(name, registered_backends())
+    return entry
 
 
 def registered_backends() -> tuple[str, ...]:
