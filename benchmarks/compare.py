@@ -250,8 +250,11 @@ def measure(lib: str, workload: str, cpu_loops: int, timeout: float, scale: floa
     if result is None:
         if timed_out:
             return Run("timeout", error=f"no result within {timeout:g} s (killed)")
-        tail = (stderr.strip().splitlines() or ["no output"])[-1]
-        return Run("crashed", error=f"exit code {code}: {tail[:300]}")
+        # Progress bars (mpire) end their lines with \r: split on it too, and skip them.
+        lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and "it/s]" not in line]
+        if code == 0:
+            return Run("crashed", error="the process exited (code 0) without printing its result")
+        return Run("crashed", error=f"exit code {code}: {(lines or ['no output'])[-1][:300]}")
     info = {k: v for k, v in result.items() if k not in ("lib", "workload", "status", "seconds", "error")}
     if "left behind" in stderr:
         info["left_processes"] = True

@@ -108,6 +108,11 @@ from typing import Any, Callable  # noqa: E402
 import workloads  # noqa: E402
 
 RESULT_MARKER = "PICKMAP-BENCH "
+# The result goes to a copy of the original stdout descriptor: a library may
+# leave ``sys.stdout`` swapped (mpire's progress-bar set-up uses
+# ``contextlib.redirect_stdout``, which is not thread-safe: in the threads row
+# it can leave a StringIO behind).
+_RESULT_FD = os.dup(1)
 WORKERS = 2
 
 WORKLOADS = (
@@ -807,7 +812,10 @@ def main(argv: list[str] | None = None) -> int:
             out["workers_peak_mb"] = children_peak1
             if children_peak0:
                 out["workers_peak_before_mb"] = children_peak0  # a child reaped before the region set the floor
-    print(RESULT_MARKER + json.dumps(out), flush=True)
+    line = (RESULT_MARKER + json.dumps(out) + "\n").encode()
+    view = memoryview(line)
+    while view:
+        view = view[os.write(_RESULT_FD, view):]
     return 0
 
 
