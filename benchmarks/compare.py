@@ -114,8 +114,8 @@ ROW_LIBS: dict[str, tuple[str, ...]] = {
     **{w: DASK_LIBS for w in DASK_ROWS},
 }
 DEFAULT_REPEAT = {**{w: 3 for w in ORIGINAL_ROWS}, **{w: 5 for w in (*DATA_ROWS, *DASK_ROWS)}}
-# Timeouts of these rows scale with their work: 100k dask tasks take minutes.
-TIMEOUT_FACTOR = {"trivial_dask": 3.0}
+# Rows whose peers need more than --timeout: 100k dask tasks take about 3 minutes here.
+MIN_TIMEOUT = {"trivial_dask": 600.0}
 DESCRIPTIONS = {
     "trivial": "200k items, `x*x` (module-level function)",
     "big_method": "bound method of an object holding 50 MB, 2k items",
@@ -298,6 +298,21 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _descendants(roots: list[int]) -> list[int]:
+    """``roots`` and every process below them (from /proc: no psutil needed)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found = list(roots)
+    for pid in found:  # grows while iterating: breadth-first
+        found.extend(child for child, parent in parents.items() if parent == pid and child not in found)
+    return found
+
+
 class DaskCluster:
     """``dask scheduler`` and two ``dask worker --nthreads 1`` on 127.0.0.1, free ports, no
     dashboard; each in its own session so stopping it stops its nanny's worker too."""
@@ -312,8 +327,12 @@ class DaskCluster:
 
     def _start(self, *args: str) -> None:
         log = open(self.scratch / f"{len(self.processes)}.log", "wb")  # noqa: SIM115 - closed with the directory
+        env = dict(os.environ)
+        # The workers unpickle `workloads.square` by reference: they must import it too.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
         self.processes.append(subprocess.Popen(
-            [self._dask(), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.scratch, start_new_session=True,
+            [self._dask(), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.scratch, env=env,
+            start_new_session=True,
         ))  # fmt: skip
 
     @staticmethod
@@ -338,9 +357,8 @@ class DaskCluster:
                             "--local-directory", str(self.scratch))  # fmt: skip
             with Client(self.address, timeout=self.connect_timeout) as client:
                 client.wait_for_workers(self.workers, timeout=self.connect_timeout)
-                info = client.scheduler_info()
-            self.pids = [process.pid for process in self.processes]
-            self.pids += [int(w["pid"]) for w in info["workers"].values() if int(w["pid"]) not in self.pids]
+            # The scheduler, the nannies and the worker processes the nannies started.
+            self.pids = _descendants([process.pid for process in self.processes])
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -1027,7 +1045,7 @@ def main(argv: list[str] | None = None) -> int:
                     previous = runs[w][lib]
                     if previous and previous[0].status in ("timeout", "n/a") and not args.retry_timeouts:
                         continue
-                    timeout = args.timeout * TIMEOUT_FACTOR.get(w, 1.0)
+                    timeout = max(args.timeout, MIN_TIMEOUT.get(w, 0.0))
                     run = measure(lib, w, cpu_loops, timeout, args.scale, settings.get(w))
                     run.info["round"] = rep
                     previous.append(run)
