@@ -819,6 +819,9 @@ def report(results: dict[str, dict[str, Cell]], meta: dict[str, Any], ceiling: C
                              for r in cell.runs if r.info.get("backend")})  # fmt: skip
             if chosen and lib == "pickmap":
                 notes.append(f"- `{w}`: pickmap chose backend {', '.join(chosen)}")
+            if w in INSTALLED_ROWS:
+                origins = sorted({r.info["pickmap_from"] for r in cell.runs if r.info.get("pickmap_from")})
+                notes.append(f"- `{w}`: pickmap imported from {', '.join(origins) or 'unknown'}")
     for w, cells in results.items():
         for lib, cell in cells.items():
             if cell.median is None or cell.partial:

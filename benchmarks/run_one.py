@@ -379,27 +379,38 @@ def _pickmap_kwargs(lib: str, backend: Any) -> dict[str, Any]:
     return {"backend": backend, "workers": WORKERS} if backend is not None else {"workers": WORKERS}
 
 
-def _pickmap_info(w: Workload, lib: str) -> dict[str, Any]:
-    """Which backend (and start method) the calls used; after the timed region, from cached verdicts."""
+def _start_method_now() -> str | None:
+    """The start method pickmap resolves in this state (threads alive now); private, so best effort."""
+    try:
+        from pickmap._settings import resolve_start_method
+
+        return resolve_start_method(None)
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return None
+
+
+def _pickmap_info(w: Workload, lib: str, start_method: str | None) -> dict[str, Any]:
+    """Which backend the calls used (the probe's cached verdict, after the timed region)."""
     import pickmap
 
-    info: dict[str, Any] = {}
-    try:
-        plan = pickmap.explain(w.func, w.data[:1]) if lib == "pickmap" else None
-    except Exception:  # noqa: BLE001 - diagnostics only
-        plan = None
-    if plan is not None:
-        info["backend"] = getattr(plan, "backend", None)
-        if getattr(plan, "start_method", None):
-            info["start_method"] = plan.start_method
-    else:
+    info: dict[str, Any] = {"start_method": start_method} if start_method else {}
+    info["pickmap_from"] = os.path.dirname(pickmap.__file__ or "")  # the checkout, or an installed copy
+    if lib != "pickmap":
         info["backend"] = {"pickmap_executor": "user executor"}.get(lib, lib.removeprefix("pickmap_"))
+        return info
+    try:
+        from pickmap.probe import choose
+
+        info["backend"] = choose(w.func, w.data[:1])[0]
+    except Exception:  # noqa: BLE001 - diagnostics only
+        pass
     return info
 
 
 def run_pickmap(w: Workload, clock: Clock, lib: str = "pickmap") -> tuple[float, list[Any], float, dict[str, Any]]:
     from pickmap import pmap
 
+    start_method = _start_method_now() if lib in ("pickmap", "pickmap_cloudpickle") else None
     clock.start()
     backend = _pickmap_backend(lib)
     kwargs = _pickmap_kwargs(lib, backend)
@@ -418,7 +429,7 @@ def run_pickmap(w: Workload, clock: Clock, lib: str = "pickmap") -> tuple[float,
         if lib == "pickmap_executor":
             backend.shutdown(wait=True)  # the user's to close, not pickmap's
         teardown_s = time.perf_counter() - down
-    return elapsed, results, teardown_s, _pickmap_info(w, lib)
+    return elapsed, results, teardown_s, _pickmap_info(w, lib, start_method)
 
 
 def _warm_calls(call: Callable[[], Any], w: Workload, clock: Clock) -> Any:
