@@ -113,7 +113,7 @@ ROW_LIBS: dict[str, tuple[str, ...]] = {
     **{w: _DATA_PEERS for w in INSTALLED_ROWS},
     **{w: DASK_LIBS for w in DASK_ROWS},
 }
-DEFAULT_REPEAT = {**{w: 3 for w in ORIGINAL_ROWS}, **{w: 5 for w in (*DATA_ROWS, *DASK_ROWS)}}
+DEFAULT_REPEAT = {**{w: 3 for w in ORIGINAL_ROWS}, **{w: 5 for w in (*BACKEND_ROWS, *DATA_ROWS, *DASK_ROWS)}}
 # Rows whose peers need more than --timeout: 100k dask tasks take about 3 minutes here.
 MIN_TIMEOUT = {"trivial_dask": 600.0}
 DESCRIPTIONS = {
