@@ -50,6 +50,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -186,10 +187,48 @@ def _kill_group(pgid: int, grace: float = 0.0) -> int:
     return left
 
 
+SHM = Path("/dev/shm")
+
+
+def _shm_entries() -> set[str]:
+    try:
+        return {entry.name for entry in SHM.iterdir()}
+    except OSError:
+        return set()
+
+
+def _remove_shm_left_by(pids: set[int], before: set[str]) -> int:
+    """Remove /dev/shm entries that appeared during a measurement and carry one of its
+    process ids in their name (joblib's ``joblib_memmapping_folder_<pid>_...``, loky's
+    ``sem.loky-<pid>-...``): what a killed process could not clean up. Entries of
+    other processes on this shared machine are never touched."""
+    removed = 0
+    for name in _shm_entries() - before:
+        if any(re.search(rf"(?<![0-9]){pid}(?![0-9])", name) for pid in pids):
+            path = SHM / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _group_pids(pgid: int) -> set[int]:
+    found = {pgid}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    found.add(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return found
+
+
 def _run_isolated(command: list[str], env: dict[str, str], timeout: float) -> tuple[str, str, int | None, bool]:
     """Run in a new session, so the measurement and every worker it started form one
     process group: a timeout kills all of them, and nothing left behind (an orphaned
-    pool worker still chewing a 50 MB task) can slow the next measurement down."""
+    pool worker still chewing a 50 MB task) can slow the next measurement down.
+    What killed processes leave in /dev/shm is removed (see ``_remove_shm_left_by``)."""
+    shm_before = _shm_entries()
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True
     )
@@ -197,12 +236,19 @@ def _run_isolated(command: list[str], env: dict[str, str], timeout: float) -> tu
         stdout, stderr = process.communicate(timeout=timeout)
         timed_out = False
     except subprocess.TimeoutExpired:
+        killed = _group_pids(process.pid)
         _kill_group(process.pid)
         stdout, stderr = process.communicate()
         timed_out = True
+    else:
+        killed = _group_pids(process.pid) if _group_alive(process.pid) else set()
     leftovers = _kill_group(process.pid, grace=2.0)
     if leftovers:
         stderr += f"\n[compare.py] killed {leftovers} process(es) the measurement left behind"
+    if timed_out or leftovers:
+        removed = _remove_shm_left_by(killed | {process.pid}, shm_before)
+        if removed:
+            stderr += f"\n[compare.py] removed {removed} /dev/shm entr(y/ies) the killed processes left"
     return stdout, stderr, process.returncode if not timed_out else None, timed_out
 
 
@@ -568,7 +614,8 @@ def evaluate(target: Target, cells: dict[str, Cell], ceiling: Ceiling | None = N
         if value is None:
             ours = cells[mine]
             if ours.median is None:
-                return f"{LABELS[mine]} {show_status(ours.status, target.workload)}", "MISSED"
+                # A row that could not be set up (no cluster, no venv) is not a miss of pickmap's.
+                return f"{LABELS[mine]} {show_status(ours.status, target.workload)}", "n/a" if ours.status == "n/a" else "MISSED"
             return f"{LABELS[peer]} {show_status(cells[peer].status, target.workload)}", "n/a"
         how = f"paired median of {len(pairs)} rounds: " if target.paired else ""
         parts.append(f"{how}{value:.2f} x {LABELS[peer]} (needs <= {bound:g})")
@@ -629,6 +676,16 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             found[package] = "not installed"
     return found
+
+
+def src_tree() -> str:
+    """The git tree of src/ plus its uncommitted diff: changes only when pickmap's source does."""
+    try:
+        tree = subprocess.run(["git", "rev-parse", "HEAD:src"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "src"], cwd=ROOT, capture_output=True, text=True).stdout
+        return f"{tree}:{hash(diff)}"
+    except OSError:
+        return "unknown"
 
 
 def git_revision() -> str:
@@ -779,7 +836,10 @@ def cpu_report(cells: dict[str, Cell], ceiling: Ceiling) -> list[str]:
 def report(results: dict[str, dict[str, Cell]], meta: dict[str, Any], ceiling: Ceiling | None = None) -> str:
     ceiling = ceiling or Ceiling()
     out = ["## Workloads\n"]
-    out.extend(f"- `{w}`: {DESCRIPTIONS.get(w, DESCRIPTIONS.get(w.removesuffix('+import'), ''))}" for w in results)
+    for w in results:
+        base = w.removesuffix("+import")
+        text = DESCRIPTIONS.get(w) or f"{DESCRIPTIONS.get(base, '')}; plus the user's import statement (derived from the {base} runs)"
+        out.append(f"- `{w}`: {text}")
     out.append("")
     for section in SECTIONS:
         out.extend(_section_report(section, results, meta))
@@ -863,7 +923,9 @@ def header(meta: dict[str, Any]) -> str:
         "joblib: `Parallel(n_jobs=2)(delayed(f)(x) ...)` (loky, default auto-memmapping; its executor is reused between "
         "calls in the many_calls and big_self_x3 rows, `with Parallel(...)` in many_calls_reused); many_calls and "
         "big_self_x3: Pool/PPE/pathos/mpire create and close a pool in every call (teardown timed); many_calls_reused: "
-        "one pool (mpire keep_alive=True) for all calls; `mpire shared_objects`: `WorkerPool(2, shared_objects=obj)` "
+        "one pool (mpire keep_alive=True) for all calls; mpire maps with concatenate_numpy_output=False (a list of "
+        "arrays, as every other library returns) and gets DataFrame items as 1-tuples (it unpacks iterables into "
+        "arguments); `mpire shared_objects`: `WorkerPool(2, shared_objects=obj)` "
         "with the large object shared and indices (or row ranges) mapped",
         "",
     ]
@@ -1006,6 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "versions": versions(),
         "git": git_revision(),
+        "src_tree": src_tree(),
         "repeat": args.repeat,
         "repeats": repeats,
         "scale": args.scale,
@@ -1064,7 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_end"] = load_average()
 
     meta["git_end"] = git_revision()
-    if meta["git_end"] != meta["git"]:
+    src_changed = src_tree() != meta["src_tree"]
+    if src_changed:
         print(f"WARNING: pickmap's source changed during the run ({meta['git']} -> {meta['git_end']})", file=sys.stderr)
     results: dict[str, dict[str, Cell]] = {}
     for w in only:
@@ -1073,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{w}+import"] = {lib: Cell([with_import(r) for r in runs[w][lib]]) for lib in runs[w]}
     print(report(results, meta, ceiling))
     print(f"load average at end: {meta['load_end']}; the whole run took {meta['wall_seconds']:.0f} s")
-    if meta["git_end"] != meta["git"]:
+    if src_changed:
         print(f"WARNING: pickmap's source changed during the run: git {meta['git']} at start, {meta['git_end']} at end")
 
     if args.chart and args.chart.lower() != "none":

@@ -149,6 +149,7 @@ class Workload:
     threads: int = 0  # > 0: that many caller threads, each making `calls` calls
     warm: bool = False  # one untimed call, then `calls` timed calls; the median call is reported
     nbytes: int = 0  # what the physical floor moves for this row
+    mpire_wrap: bool = False  # items are iterables mpire would unpack into arguments
 
     def correct(self, results: list[Any]) -> bool:
         return self.check(results) if self.check is not None else list(results) == self.expected
@@ -329,7 +330,7 @@ def _dataframe(scale: float) -> Workload:
         return len(results) == len(expected) and all(r.equals(e) for r, e in zip(results, expected))
 
     return Workload(
-        workloads.group_agg, chunks, 1, [], check=check,
+        workloads.group_agg, chunks, 1, [], check=check, mpire_wrap=True,
         shared=frame, shared_func=workloads.shared_group_agg, shared_data=workloads.frame_bounds(len(frame)),
         nbytes=int(frame.memory_usage(index=True).sum()),
     )  # fmt: skip
@@ -526,9 +527,12 @@ def run_mpire(w: Workload, clock: Clock) -> tuple[float, list[Any], float, dict[
     # keep_alive=True reuses the same workers across map() calls (many_calls);
     # with a single call it makes no difference to what is timed.
     pool = WorkerPool(n_jobs=WORKERS, keep_alive=w.calls > 1)
+    # mpire unpacks an iterable item (a DataFrame: its column names) into arguments; a
+    # 1-tuple is its documented way to pass one. Numpy results stay a list of arrays.
+    data = [(x,) for x in w.data] if w.mpire_wrap else w.data
     try:
         for _ in range(w.calls):
-            results = pool.map(w.func, w.data)
+            results = pool.map(w.func, data, concatenate_numpy_output=False)
         elapsed = clock.stop()
     finally:
         down = time.perf_counter()
@@ -546,7 +550,7 @@ def run_mpire_shared(w: Workload, clock: Clock) -> tuple[float, list[Any], float
     pool = WorkerPool(n_jobs=WORKERS, shared_objects=w.shared, keep_alive=w.calls > 1)
     try:
         for _ in range(w.calls):
-            results = pool.map(w.shared_func, w.shared_data)
+            results = pool.map(w.shared_func, w.shared_data, concatenate_numpy_output=False)
         elapsed = clock.stop()
     finally:
         down = time.perf_counter()
@@ -566,7 +570,8 @@ def run_floor(w: Workload, clock: Clock) -> tuple[float, list[Any], float, dict[
 
     if not w.nbytes:
         raise NotImplementedError("this row moves no data")
-    source = np.ones(w.nbytes // 8)
+    nbytes = w.nbytes // 8 * 8  # whole float64 elements
+    source = np.ones(nbytes // 8)
     view = memoryview(source).cast("B")
     clock.start()
     target = np.empty_like(source)
@@ -578,12 +583,12 @@ def run_floor(w: Workload, clock: Clock) -> tuple[float, list[Any], float, dict[
     del target
 
     left, right = socket.socketpair()
-    received = bytearray(w.nbytes)
+    received = bytearray(nbytes)
     writer = threading.Thread(target=left.sendall, args=(view,))
     began = time.perf_counter()
     writer.start()
     into, got = memoryview(received), 0
-    while got < w.nbytes:
+    while got < nbytes:
         got += right.recv_into(into[got:])
     writer.join()
     socket_s = time.perf_counter() - began
@@ -597,14 +602,14 @@ def run_floor(w: Workload, clock: Clock) -> tuple[float, list[Any], float, dict[
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             written = 0
-            while written < w.nbytes:
+            while written < nbytes:
                 written += os.write(fd, view[written:])
         finally:
             os.close(fd)
         shm_s = time.perf_counter() - began
     finally:
         os.unlink(path)
-    info = {"copyto_s": copy_s, "copyto_fresh_s": copy_fresh_s, "socket_s": socket_s, "shm_s": shm_s, "nbytes": w.nbytes}
+    info = {"copyto_s": copy_s, "copyto_fresh_s": copy_fresh_s, "socket_s": socket_s, "shm_s": shm_s, "nbytes": nbytes}
     return min(copy_s, socket_s, shm_s), None, 0.0, info
 
 
