@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_ceiling.py                # 12 rounds
     python benchmarks/cpu_ceiling.py --rounds 20
+    python benchmarks/cpu_ceiling.py --rounds 2 --loops 190000 --no-fresh --json   # what compare.py runs
 
 The ``cpu`` target asks for ``time <= 0.55 x serial`` on 2 cores, i.e. at
 least 90% parallel efficiency. That is only reachable if a task runs as fast
@@ -28,6 +29,7 @@ memory layout rather than at anything a pool does.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -96,19 +98,28 @@ def _fresh_task_time(loops: int, imports: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--loops", type=int, help="spin() loop count (default: calibrate here to ~20 ms)")
+    parser.add_argument("--no-fresh", action="store_true", help="skip the lean-vs-loaded interpreter comparison")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON line (per-round medians) instead of the text; compare.py reads it")  # fmt: skip
     args = parser.parse_args()
-    loops = workloads.calibrate_spin()
+    loops = args.loops or workloads.calibrate_spin()
     alone: list[float] = []
     both: list[float] = []
     for _ in range(args.rounds):
         alone.append(statistics.median(_fork_tasks(1, loops)))
         both.append(statistics.median(_fork_tasks(2, loops)))
+    if args.json:
+        print(json.dumps({"loops": loops, "alone": alone, "both": both}))
+        return
     task_alone, task_both = statistics.median(alone), statistics.median(both)
     print(f"spin({loops}); {args.rounds} rounds, alternating; median time per task:")
     print(f"  alone (other core idle): {task_alone * 1000:.1f} ms  (rounds: {min(alone) * 1000:.1f}–{max(alone) * 1000:.1f})")
     print(f"  both cores busy:         {task_both * 1000:.1f} ms  (rounds: {min(both) * 1000:.1f}–{max(both) * 1000:.1f})")
     print(f"  slowdown when both are busy: {task_both / task_alone:.3f}x")
     print(f"  best ratio any 2-worker pool can reach on 48 tasks: {task_both / (2 * task_alone):.3f} x serial")
+    if args.no_fresh:
+        return
 
     lean: list[float] = []
     loaded: list[float] = []
