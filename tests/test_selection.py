@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -153,3 +154,52 @@ def test_missing_package_gives_install_hint():
 
 def test_nested_pmap_inside_a_worker_runs_in_place():
     assert pmap(zoo.nested_pmap, [3, 4, 5], backend="stdlib", workers=2) == [5, 14, 30]
+
+
+def test_importing_numpy_keeps_the_fork_default_and_workers_limit_their_blas_pool(clean_env):
+    code = (
+        "import numpy, pickmap, threadpoolctl\n"
+        "from pickmap._settings import _thread_count\n"
+        "def pools(_):\n"
+        "    return [p['num_threads'] for p in threadpoolctl.threadpool_info()]\n"
+        "if __name__ == '__main__':\n"
+        "    print(_thread_count() > 1, pickmap.explain(abs, [1]).start_method)\n"
+        "    print(pickmap.pmap(pools, [0, 1], workers=2, chunksize=1))\n"
+        "    print(pickmap.pmap(pools, [0], workers=2, inner_threads=0))\n"
+    )
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS", "OMP_"))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    threads_line, limited, untouched = done.stdout.strip().splitlines()
+    cpus = len(os.sched_getaffinity(0))
+    assert threads_line == ("True fork" if cpus > 1 else "False fork")
+    assert limited == str([[max(1, cpus // 2)]] * 2)
+    assert untouched == str([[cpus]])
+
+
+def test_a_python_thread_still_means_forkserver_even_with_numpy(clean_env):
+    import threading
+
+    import numpy  # noqa: F401 - its BLAS pool alone would allow fork
+
+    from pickmap._settings import resolve_start_method
+
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
+    try:
+        assert resolve_start_method(None) == "forkserver"
+    finally:
+        stop.set()
+        helper.join()
+
+
+def test_inner_threads_must_be_a_whole_number(clean_env):
+    with pytest.raises(ValueError, match="inner_threads"):
+        pmap(zoo.square, [1], inner_threads=-1)
+    clean_env.setenv("PICKMAP_INNER_THREADS", "lots")
+    with pytest.raises(ValueError, match="PICKMAP_INNER_THREADS"):
+        pmap(zoo.square, [1])

@@ -63,6 +63,7 @@ class CallSpec(NamedTuple):
     collect: bool  # return_exceptions=True: exceptions are results
     timed: bool  # timeout= is set: report each item's start in the progress slot
     share: bool  # workers share the caller's files: large results may go through shared memory
+    inner_threads: int = 0  # BLAS/OpenMP threads per worker process (0: leave the pools alone)
 
     @property
     def caller_pid(self) -> int:

@@ -4,13 +4,22 @@ The environment is read at call time, so ``PICKMAP_WORKERS=4 python app.py``
 and ``os.environ[...] = ...`` between calls both work.
 
 Default start method: ``fork`` where the platform has it and this process runs
-a single thread; ``forkserver`` when other threads exist (forking a
-multi-threaded process can copy a lock held by another thread into the child,
-the reason Python 3.14 moved its Linux default away from fork); ``spawn``
-where neither exists. fork starts a worker in about a millisecond and needs
-nothing re-imported; pickmap never relies on fork to carry the callable
-(the probe rejects ``__main__`` references), so a call that works under fork
-also works under spawn and forkserver.
+a single thread — or its only other threads are OpenBLAS's pool, which numpy
+starts at import and which OpenBLAS itself quiesces around ``fork()`` (a
+``pthread_atfork`` handler), so ``import numpy`` does not cost the fork fast
+path; ``forkserver`` when any other thread exists (forking a multi-threaded
+process can copy a lock held by another thread into the child, the reason
+Python 3.14 moved its Linux default away from fork); ``spawn`` where neither
+exists. fork starts a worker in about a millisecond and needs nothing
+re-imported; pickmap never relies on fork to carry the callable (the probe
+rejects ``__main__`` references), so a call that works under fork also works
+under spawn and forkserver.
+
+Inner threads: each worker limits the BLAS/OpenMP pools it has loaded to
+``usable CPUs // workers`` threads (at least 1), through threadpoolctl, so
+``workers`` processes each running a matrix product do not oversubscribe the
+machine. ``inner_threads=N`` or ``PICKMAP_INNER_THREADS=N`` sets N; ``0`` (or
+``off``) leaves the pools alone.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import threading
 ENV_WORKERS = "PICKMAP_WORKERS"
 ENV_START_METHOD = "PICKMAP_START_METHOD"
 ENV_IDLE_TIMEOUT = "PICKMAP_IDLE_TIMEOUT"
+ENV_INNER_THREADS = "PICKMAP_INNER_THREADS"
 START_METHODS = ("fork", "spawn", "forkserver")
 DEFAULT_IDLE_TIMEOUT = 300.0
 
@@ -36,6 +46,47 @@ def _thread_count() -> int:
         return threading.active_count()
 
 
+_FORK_SAFE_POOLS = ("openblas",)  # libraries whose threads are quiesced around fork() by the library itself
+_fork_safe_cache: dict[int, bool] = {}
+
+
+def _only_fork_safe_threads(threads: int) -> bool:
+    """Whether every thread but the main one belongs to a BLAS pool that is safe to fork."""
+    if threading.active_count() != 1:
+        return False  # a Python thread: it may hold any lock
+    known = _fork_safe_cache.get(threads)
+    if known is not None:
+        return known
+    safe = False
+    if "numpy" in sys.modules or "scipy" in sys.modules:
+        try:
+            from threadpoolctl import threadpool_info
+        except ImportError:
+            threadpool_info = None
+        if threadpool_info is not None:
+            pools = threadpool_info()
+            others = [p for p in pools if p.get("internal_api") not in _FORK_SAFE_POOLS]
+            # A pool of n threads runs n - 1 of its own beside the caller's.
+            pooled = sum(max(0, int(p.get("num_threads", 1)) - 1) for p in pools)
+            safe = not others and threads - 1 <= pooled
+    _fork_safe_cache[threads] = safe
+    return safe
+
+
+def default_start_method() -> tuple[str, str]:
+    """``(start method, why)`` when neither an argument nor the environment says."""
+    supported = multiprocessing.get_all_start_methods()
+    if "fork" in supported and sys.platform != "darwin":
+        threads = _thread_count()
+        if threads == 1:
+            return "fork", "this process runs a single thread"
+        if _only_fork_safe_threads(threads):
+            return "fork", "its only other threads are an OpenBLAS pool, which OpenBLAS quiesces around fork()"
+        fallback = "forkserver" if "forkserver" in supported else "spawn"
+        return fallback, f"this process runs {threads} threads, and forking a multi-threaded process is unsafe"
+    return ("forkserver" if "forkserver" in supported else "spawn"), "fork is not available here"
+
+
 def resolve_start_method(argument: str | None) -> str:
     source = "start_method="
     value = argument
@@ -44,9 +95,7 @@ def resolve_start_method(argument: str | None) -> str:
         source = f"the environment variable {ENV_START_METHOD}"
     supported = tuple(m for m in START_METHODS if m in multiprocessing.get_all_start_methods())
     if value is None:
-        if "fork" in supported and sys.platform != "darwin" and _thread_count() == 1:
-            return "fork"
-        return "forkserver" if "forkserver" in supported else "spawn"
+        return default_start_method()[0]
     if value not in supported:
         raise ValueError(
             f"unknown start method {value!r} (from {source}); valid start methods on this platform: "
@@ -80,6 +129,28 @@ def resolve_idle_timeout() -> float:
         value = 0.0
     if value <= 0:
         raise ValueError(f"the environment variable {ENV_IDLE_TIMEOUT} must be a number of seconds > 0, not {raw!r}")
+    return value
+
+
+def usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_inner_threads(argument: int | None, workers: int) -> int:
+    """Threads each worker's BLAS/OpenMP pools may use; 0: leave them alone."""
+    source = "inner_threads="
+    value: object = argument
+    if value is None:
+        raw = os.environ.get(ENV_INNER_THREADS, "").strip().lower()
+        if not raw:
+            return max(1, usable_cpus() // workers)
+        source = f"the environment variable {ENV_INNER_THREADS}"
+        value = 0 if raw == "off" else (int(raw) if raw.isdigit() else raw)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{source} must be a whole number >= 0 (0 or 'off': leave BLAS pools alone), not {value!r}")
     return value
 
 

@@ -49,6 +49,7 @@ import itertools
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -151,16 +152,39 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
     )
 
 
+_POOL_MODULES = ("numpy", "scipy", "torch", "sklearn")  # what loads BLAS/OpenMP pools
+_inner_limit: Any = None  # threadpoolctl's limiter, while a limit is applied
+_inner_threads = 0
+
+
+def limit_inner_threads(threads: int) -> None:
+    """Cap this worker process's BLAS/OpenMP pools (once the libraries are loaded); 0 restores them."""
+    global _inner_limit, _inner_threads
+    if threads == _inner_threads or not any(m in sys.modules for m in _POOL_MODULES):
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    if _inner_limit is not None:
+        _inner_limit.restore_original_limits()  # a warm worker: the last call's limit goes first
+        _inner_limit = None
+    if threads > 0:
+        _inner_limit = threadpool_limits(limits=threads)  # kept for the process's life, not a context
+    _inner_threads = threads
+
+
 class WorkerState:
     """One worker's memory between messages: the current call's callable and flags.
 
     ``share_results`` (a process on the caller's machine) puts large result
     buffers in shared memory; ``mappings`` keeps a callable's segments mapped
-    across calls.
+    across calls; ``own_process`` (not a thread of the caller) may cap BLAS pools.
     """
 
-    def __init__(self, progress: Any = None, *, share_results: bool = False) -> None:
+    def __init__(self, progress: Any = None, *, share_results: bool = False, own_process: bool = False) -> None:
         self.progress = progress
+        self.own_process = own_process
         self.share_results = share_results
         self.mappings = _wire.Mappings()
         self.spec: CallSpec | None = None
@@ -183,13 +207,18 @@ class WorkerState:
                 initializer(*initargs)
             except BaseException as exc:  # noqa: BLE001
                 return [self._failure("initializer", None, exc)]
-        self.func = func
+        self._ready(func)
         return []
 
     def _begin(self, spec: CallSpec) -> None:
         self.spec = spec
         self.serializer = get_serializer(spec.serializer)
         self.func = None  # drop the previous call's callable before anything else
+
+    def _ready(self, func: Callable[..., Any]) -> None:
+        if self.own_process and self.spec is not None:
+            limit_inner_threads(self.spec.inner_threads)  # after loading: the callable may have imported numpy
+        self.func = func
 
     def _load(self, payload: Any) -> Any:
         return self.serializer.load(self.mappings.resolve(payload))
@@ -225,7 +254,7 @@ class WorkerState:
             return [self._failure(stage, None, exc)]
         finally:
             self._clock(-2)
-        self.func = func
+        self._ready(func)
         return []
 
     def _failure(self, stage: str, index: int | None, exc: BaseException) -> Message:
@@ -344,7 +373,7 @@ def run_job(job: Job | bytes) -> list[Message] | bytes:
         if state is None:
             if spec.share:
                 _wire.set_caller_pid(spec.caller_pid)  # result segments are named after the caller
-            state = WorkerState(share_results=blob and spec.share)
+            state = WorkerState(share_results=blob and spec.share, own_process=blob)
             replies = state.handle(job.setup)
             if state.func is not None:
                 with _JOB_LOCK:
@@ -388,7 +417,7 @@ def process_main(
     _close_inherited(inherited)
     _wire.set_caller_pid(caller_pid)
     view = progress.create_memoryview().cast("d") if progress is not None else None
-    state = WorkerState(view, share_results=True)
+    state = WorkerState(view, share_results=True, own_process=True)
     fd = conn.fileno()
     os.set_blocking(fd, True)
 

@@ -13,7 +13,14 @@ import itertools
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from . import pool as pools
-from ._settings import check_positive_int, check_timeout, resolve_idle_timeout, resolve_start_method, resolve_workers
+from ._settings import (
+    check_positive_int,
+    check_timeout,
+    resolve_idle_timeout,
+    resolve_inner_threads,
+    resolve_start_method,
+    resolve_workers,
+)
 from ._worker import in_worker
 from .backends.base import Backend
 from .chunking import Chunker, input_length
@@ -81,6 +88,7 @@ def _prepare(
     initargs: Sequence[Any],
     start_method: str | None,
     return_exceptions: bool,
+    inner_threads: int | None = None,
     explaining: bool = False,
 ) -> _Prepared:
     iterators, timeout = _check_arguments(api, func, iterables, workers, chunksize, timeout, initializer, initargs)
@@ -126,6 +134,7 @@ def _prepare(
     call = Call(
         func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout,
         forced=source in ("argument", "environment"), setup_objects=setup,
+        inner_threads=resolve_inner_threads(inner_threads, size),
     )  # fmt: skip
     if call.timed and not chosen.reports_progress:
         chunksize = 1  # no per-item progress: each task's clock starts when its one item is handed over
@@ -177,6 +186,7 @@ def pmap(
     initargs: Sequence[Any] = (),
     start_method: str | None = None,
     return_exceptions: bool = False,
+    inner_threads: int | None = None,
 ) -> list[Any]:
     """``list(map(func, *iterables))``, in parallel, in input order.
 
@@ -192,11 +202,19 @@ def pmap(
     The first exception raised by ``func`` is re-raised as itself, with the
     worker's traceback as ``__cause__`` and a note naming the item; remaining
     work is cancelled. With ``return_exceptions=True`` exceptions are returned
-    in place of their results instead.
+    in place of their results instead. ``inner_threads``: BLAS/OpenMP threads
+    per worker process (default ``PICKMAP_INNER_THREADS`` or usable CPUs //
+    workers; 0 leaves the pools alone).
+
+    ``backend`` may also be a :class:`~pickmap.backends.base.Backend` instance
+    (options for a backend, e.g. a dask client) or any
+    ``concurrent.futures.Executor`` (``ProcessPoolExecutor``, loky's,
+    ``mpi4py``'s): chunks become its tasks; pickmap never shuts it down.
     """
     prepared = _prepare(
         "pmap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
         initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
+        inner_threads=inner_threads,
     )  # fmt: skip
     results: list[Any] = []
     for chunk_results in _run(prepared, ordered=True, eager_errors=True, bounded=False):
@@ -216,6 +234,7 @@ def imap(
     initargs: Sequence[Any] = (),
     start_method: str | None = None,
     return_exceptions: bool = False,
+    inner_threads: int | None = None,
 ) -> Iterator[Any]:
     """Like :func:`pmap`, but lazy: results stream as they complete.
 
@@ -230,6 +249,7 @@ def imap(
     prepared = _prepare(
         "imap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
         initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
+        inner_threads=inner_threads,
     )  # fmt: skip
     return _stream(_run(prepared, ordered=ordered, eager_errors=not ordered, bounded=True))
 

@@ -62,6 +62,7 @@ class Call:
         timeout: float | None = None,
         forced: bool = False,
         setup_objects: Any = None,
+        inner_threads: int = 0,
     ) -> None:
         self.func = func
         self.forced = forced  # the backend was named by the caller, not chosen by the probe
@@ -73,8 +74,9 @@ class Call:
         self.label = getattr(func, "__qualname__", None) or type(func).__qualname__
         self.uses_shared_memory = self.serializer.by_value and backend.shares_files
         self.spec = CallSpec(
-            next(_call_ids), CALLER_TOKEN, backend.serializer, star, collect, self.timed, self.uses_shared_memory
-        )
+            next(_call_ids), CALLER_TOKEN, backend.serializer, star, collect, self.timed, self.uses_shared_memory,
+            inner_threads if backend.processes else 0,
+        )  # fmt: skip
         self._func_payload = func_payload
         self._init_payload = init_payload
         self._setup: Setup | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 import weakref
 from typing import Any, ClassVar, Sequence
 
@@ -48,7 +49,11 @@ class ProcessWorker(Worker):
             name="pickmap-worker",
             daemon=True,
         )
-        self.process.start()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns on any fork of a multi-threaded process; pickmap forks
+            # with other threads only when they are an OpenBLAS pool (see _settings.py).
+            warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
+            self.process.start()
         worker_end.close()
         _CALLER_ENDS.add(caller_end)
         self._shared = shared  # keep the shared memory alive as long as the handle
