@@ -18,6 +18,7 @@ be weakly referenced are shipped for this call only.
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 import weakref
@@ -39,18 +40,31 @@ class _Entry(NamedTuple):
 _SHIPPED: "weakref.WeakKeyDictionary[Any, dict[Any, _Entry]]" = weakref.WeakKeyDictionary()
 
 
-def _same_bytes(a: memoryview, b: memoryview) -> bool:
-    if a.nbytes != b.nbytes:
+def _same_as_segment(segment: _shm.Segment, new: memoryview) -> bool:
+    """Whether the segment holds ``new``'s bytes, read a slice at a time: never mapped,
+    so the comparison neither holds a descriptor nor counts 400 MB in this process's RSS."""
+    if segment.size != new.nbytes:
         return False
     numpy = sys.modules.get("numpy")  # a large buffer almost always comes from numpy
-    for start in range(0, a.nbytes, _COMPARE_STEP):
-        left, right = a[start : start + _COMPARE_STEP], b[start : start + _COMPARE_STEP]
-        if numpy is not None:
-            same = numpy.array_equal(numpy.frombuffer(left, numpy.uint8), numpy.frombuffer(right, numpy.uint8))
-        else:
-            same = left == right
-        if not same:
-            return False
+    step = min(_COMPARE_STEP, segment.size)
+    scratch = bytearray(step)
+    try:
+        file = open(segment.path, "rb")
+    except OSError:
+        return False  # gone (swept, or /dev/shm cleaned by hand): ship anew
+    with file:
+        for start in range(0, segment.size, step):
+            size = min(step, segment.size - start)
+            window = memoryview(scratch)[:size]
+            if os.preadv(file.fileno(), [window], segment.offset + start) != size:
+                return False
+            theirs = new[start : start + size]
+            if numpy is not None:
+                same = numpy.array_equal(numpy.frombuffer(window, numpy.uint8), numpy.frombuffer(theirs, numpy.uint8))
+            else:
+                same = window == theirs
+            if not same:
+                return False
     return True
 
 
@@ -60,27 +74,12 @@ def _owner(func: Any) -> tuple[Any, Any]:
     return func, None
 
 
-def _same_as_segment(segment: _shm.Segment, new: memoryview) -> bool:
-    # Mapped only for the comparison: a mapping kept open would hold a descriptor.
-    try:
-        mapping = _shm.map_segment(segment.path, writable=False)
-    except OSError:
-        return False  # gone (swept, or /dev/shm cleaned by hand): ship anew
-    try:
-        return _same_bytes(_shm.view(mapping, segment), new.cast("B"))
-    finally:
-        try:
-            mapping.close()
-        except BufferError:  # a view still alive: the mapping closes when it goes
-            pass
-
-
 def _unchanged(entry: _Entry, payload: Pickled) -> bool:
     if bytes(entry.data) != bytes(payload.data) or len(entry.shared.buffers) != len(payload.buffers):
         return False
     for old, new in zip(entry.shared.buffers, payload.buffers):
         if isinstance(old, _shm.Segment):
-            if not isinstance(new, memoryview) or not _same_as_segment(old, new):
+            if not isinstance(new, memoryview) or not _same_as_segment(old, new.cast("B")):
                 return False
         elif bytes(old) != bytes(new):
             return False
