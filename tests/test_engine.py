@@ -299,3 +299,34 @@ def test_fork_workers_started_by_a_call_inherit_its_callable_unserialized():
     # warm workers get it by SETUP on the next call: loaded once each
     again = pmap(func, range(16), backend="stdlib", workers=2, chunksize=1, start_method="fork")
     assert {loads for _, loads in again} == {loads_here + 1}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_concurrent_callers_share_the_configured_workers_and_get_their_own_results(method):
+    import threading
+
+    pickmap.shutdown()
+    results: dict[int, object] = {}
+
+    def caller(n: int) -> None:
+        try:
+            if n == 3:  # one item, so no busy worker is killed (which would start a replacement)
+                pmap(zoo.fail_on, [0], [0], backend="stdlib", workers=2, start_method=method)
+            for _ in range(5):
+                got = pmap(zoo.pid_and_square, range(n * 100, n * 100 + 40), backend="stdlib", workers=2,
+                           start_method=method)  # fmt: skip
+                assert [square for _, square in got] == [i * i for i in range(n * 100, n * 100 + 40)]
+                results.setdefault(n, set()).update(pid for pid, _ in got)  # type: ignore[union-attr]
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            results[n] = exc
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(50)
+    assert isinstance(results.pop(3), ValueError)  # its own error, and only its own
+    pids = set().union(*results.values())
+    assert len(results) == 3 and 1 <= len(pids) <= 2  # never more than workers=2 processes in total
+    pickmap.shutdown()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
-
-import numpy
 import threading
 import time
+
+import numpy
 
 
 def square(x):
@@ -23,6 +23,10 @@ def fail_on(bad, x):
     if x == bad:
         raise ValueError(f"bad item {x}")
     return x
+
+
+def pid_and_square(x):
+    return os.getpid(), x * x
 
 
 def pid_of(_):

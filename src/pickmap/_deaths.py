@@ -93,7 +93,7 @@ def check_timeouts(pool: WorkerPool, call: Call) -> TaskTimeoutError | None:
     timeout = call.timeout
     assert timeout is not None
     now = time.monotonic()
-    for slot in list(pool.slots):
+    for slot in pool.held_by(call.id):
         index, started = item_started(slot)
         if not slot.queued or started <= 0 or now - started <= timeout:
             continue

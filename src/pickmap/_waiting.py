@@ -31,9 +31,12 @@ def _fd(waitable: Any) -> int:
     return waitable if isinstance(waitable, int) else waitable.fileno()
 
 
-def wait_for(slots: list[Slot], timeout: float | None) -> Wakeup:
-    """Flush what can be written, then wait at most ``timeout`` seconds for anything to happen."""
+def wait_for(slots: list[Slot], timeout: float | None, *, also: int | None = None) -> Wakeup:
+    """Flush what can be written, then wait at most ``timeout`` seconds for anything to happen
+    (``also``: one more descriptor to wake on — the pool's signal that a worker is free)."""
     poller = select.poll()
+    if also is not None:
+        poller.register(also, select.POLLIN)
     readers: dict[int, Slot] = {}
     sentinels: dict[int, Slot] = {}
     wake = Wakeup()
@@ -61,7 +64,7 @@ def wait_for(slots: list[Slot], timeout: float | None) -> Wakeup:
             poller.register(fd, select.POLLIN)
     if immediate:
         timeout = 0.0
-    if readers or sentinels:
+    if readers or sentinels or also is not None:
         events = poller.poll(None if timeout is None else math.ceil(max(timeout, 0.0) * 1000))
     else:
         events = []

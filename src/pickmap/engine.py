@@ -179,10 +179,11 @@ class _Run:
                     raise self.failure
         except (KeyboardInterrupt, WorkerCrashedError):
             interrupted = True
+            self.pool.broken = True  # the next call starts on fresh workers
             raise
         finally:
             try:
-                self.pool.end_call(interrupted=interrupted)
+                self.pool.end_call(self.call.id, interrupted=interrupted)
             finally:
                 self.call.close()
 
@@ -209,7 +210,7 @@ class _Run:
                 if chunk is None:
                     self.source_done = True
                     return
-            slot = self.pool.pick(self.call.inheritance(), depth=depth)
+            slot = self.pool.pick(self.call.id, self.call.inheritance(), depth=depth)
             if slot is None:
                 self.requeued.appendleft(chunk)
                 return
@@ -254,14 +255,14 @@ class _Run:
 
     # ------------------------------------------------------------------ waiting
     def _wait(self) -> list[list[Any]]:
-        slots = list(self.pool.slots)
+        slots = self.pool.held_by(self.call.id)
         timeout = _waiting.next_deadline(
             slots,
             timeout=self.call.timeout if self.call.timed else None,
             busy=bool(self.inflight),
             started=lambda slot: _deaths.item_started(slot)[1],
         )
-        wake = _waiting.wait_for(slots, timeout)
+        wake = _waiting.wait_for(slots, timeout, also=self.pool.turn_fd(self.call.id))
         out: list[list[Any]] = []
         for slot in wake.replies:
             if not slot.eof or slot.worker.waitable is None:
@@ -292,6 +293,7 @@ class _Run:
         slot.queued.remove(chunk)
         slot.handed_at = time.monotonic()
         self.call.item_segments.pop(seq, None)
+        self.pool.hand_back(slot)  # if its queue is empty: another call may take it
         return chunk
 
     def _on_message(self, slot: Slot, message: Message) -> list[Any] | None:

@@ -1,28 +1,33 @@
-"""Warm worker pools: started once, reused across calls, retired when idle or broken.
+"""Warm worker pools: started once, shared by concurrent calls, reused across calls, retired when idle or broken.
 
-A pool is keyed by ``(backend, start method, worker count)``. A call checks a
-pool out (:func:`acquire`), so two threads calling ``pmap`` at once never
-share workers, and checks it back in (:func:`release`) when it ends. Workers
-start lazily, one when a chunk needs it, so an 8-item call on a 64-core box
-starts only what it uses.
+There is one pool per ``(backend, start method, worker count)``. Calls from
+many threads at once share it: a worker serves one call at a time — a call
+*claims* a free worker for a chunk and hands it back as soon as its queue is
+empty — so the configured worker count is never exceeded in total, calls take
+turns worker by worker, and each call sees only its own results and errors. A
+call that finds every worker claimed waits on the pool's wake-up pipe, which a
+release writes to. Workers start lazily, one when a chunk needs it, so an
+8-item call on a 64-core box starts only what it uses.
 
 Idle workers exit on their own after ``PICKMAP_IDLE_TIMEOUT`` seconds (default
-300) with a ``BYE`` message; the caller has no background thread, which keeps
-fork safe. :func:`shutdown` stops every idle pool and runs at interpreter exit.
+300) with a ``Bye``; the caller has no background thread, which keeps fork
+safe. :func:`shutdown` stops every pool and runs at interpreter exit.
 
-What a call leaves behind is decided in :meth:`WorkerPool.end_call`:
+What a call leaves behind is decided in :meth:`WorkerPool.end_call`, for the
+workers it holds:
 
 - a worker still busy with this call's work (error, timeout, abandoned
-  ``imap``) is killed: nothing keeps running after the call returns;
+  ``imap``, Ctrl-C) is killed: nothing keeps running after the call returns;
 - a worker that ran an ``initializer`` is retired, so it cannot leak into a
   later call;
-- a crash or Ctrl-C discards the whole pool.
+- a worker that died is replaced by the next call that needs one.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import os
 import threading
 from typing import Any
 
@@ -36,12 +41,13 @@ _GRACE = 2.0  # seconds a stopping worker gets before it is killed
 class Slot:
     """A worker plus the engine's bookkeeping about it."""
 
-    __slots__ = ("worker", "queued", "call_id", "tainted", "said_bye", "eof", "ready", "handed_at")
+    __slots__ = ("worker", "queued", "call_id", "owner", "tainted", "said_bye", "eof", "ready", "handed_at")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.queued: collections.deque[Any] = collections.deque()  # chunks sent, unanswered
-        self.call_id: int | None = None  # the call whose SETUP it holds
+        self.call_id: int | None = None  # the call whose Setup it holds
+        self.owner: int | None = None  # the call that holds it now (None: free)
         self.tainted = False  # ran an initializer
         self.said_bye = False  # exited after its idle timeout
         self.eof = False  # its channel closed: dead or dying
@@ -60,13 +66,54 @@ class WorkerPool:
         self.size = size
         self.idle_timeout = idle_timeout
         self.slots: list[Slot] = []
-        self.broken = False
+        self.lock = threading.RLock()
+        self.users = 0  # calls running on it now
+        self.broken = False  # a worker crashed or a call was interrupted: no new calls
+        self.retired = False  # out of the table: the last user closes it
+        # Calls that found no worker free, first come first served; each has a pipe
+        # that is written when a worker is handed back to it.
+        self._waiting: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
 
     @property
     def key(self) -> tuple[str, str | None, int]:
         return (self.backend.name, self.start_method, self.size)
 
-    def start_slot(self, inheritance: Inheritance | None = None) -> Slot:
+    # ------------------------------------------------------------------ claiming workers
+    def held_by(self, call_id: int) -> list[Slot]:
+        with self.lock:
+            return [s for s in self.slots if s.owner == call_id]
+
+    def pick(self, call_id: int, inheritance: Inheritance | None = None, depth: int | None = None) -> Slot | None:
+        """A worker for the call's next chunk: one it holds that is idle, a free one, a new one,
+        or one it holds with room in its queue — the last only while no other call waits.
+
+        ``inheritance`` is handed to a worker started now (see ``Backend.start_worker``).
+        ``depth`` caps the chunks a worker may hold (never above ``max_queued``).
+        """
+        depth = self.backend.max_queued if depth is None else min(depth, self.backend.max_queued)
+        with self.lock:
+            mine = [s for s in self.slots if s.owner == call_id and s.usable]
+            idle_mine = next((s for s in mine if not s.queued), None)
+            if idle_mine is not None:
+                return idle_mine
+            my_turn = not self._waiting or next(iter(self._waiting)) == call_id
+            if my_turn:
+                free = next((s for s in self.slots if s.owner is None and s.usable), None)
+                if free is None and len(self.slots) < self.size:
+                    free = self._start_slot(inheritance)
+                if free is not None:
+                    free.owner = call_id
+                    self._stop_waiting(call_id)
+                    return free
+            others_wait = any(waiter != call_id for waiter in self._waiting)
+            best = min(mine, key=lambda s: len(s.queued), default=None)
+            if best is not None and not others_wait and len(best.queued) < depth:
+                return best
+            if not mine:
+                self._wait_turn(call_id)
+            return None
+
+    def _start_slot(self, inheritance: Inheritance | None) -> Slot:
         start = WorkerStart(self.start_method, self.idle_timeout, inheritance, self.size)
         slot = Slot(self.backend.start_worker(start))
         if slot.worker.adopted_call is not None and inheritance is not None:
@@ -75,21 +122,41 @@ class WorkerPool:
         self.slots.append(slot)
         return slot
 
-    def pick(self, inheritance: Inheritance | None = None, depth: int | None = None) -> Slot | None:
-        """The least busy worker with room in its queue, starting one if all are busy.
+    def _wait_turn(self, call_id: int) -> None:
+        if call_id not in self._waiting:
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            os.set_blocking(write, False)
+            self._waiting[call_id] = (read, write)
 
-        ``inheritance`` is handed to a worker started now (see ``Backend.start_worker``).
-        ``depth`` caps the chunks a worker may hold (never above the backend's
-        ``max_queued``).
-        """
-        depth = self.backend.max_queued if depth is None else min(depth, self.backend.max_queued)
-        best = min((s for s in self.slots if s.usable), key=lambda s: len(s.queued), default=None)
-        if (best is None or best.queued) and len(self.slots) < self.size:
-            return self.start_slot(inheritance)
-        if best is None or len(best.queued) >= depth:
-            return None
-        return best
+    def _stop_waiting(self, call_id: int) -> None:
+        pipe = self._waiting.pop(call_id, None)
+        if pipe is not None:
+            for fd in pipe:
+                os.close(fd)
 
+    def turn_fd(self, call_id: int) -> int | None:
+        """For a call that holds no worker: readable once one may be free for it."""
+        with self.lock:
+            pipe = self._waiting.get(call_id)
+            return pipe[0] if pipe is not None else None
+
+    def _wake_next(self) -> None:
+        for read, write in list(self._waiting.values())[:1]:
+            try:
+                os.write(write, b"\0")
+            except OSError:
+                pass
+
+    def hand_back(self, slot: Slot) -> None:
+        """The call has nothing queued on this worker: free it, and wake the call waiting longest."""
+        with self.lock:
+            if slot.queued or slot.owner is None or slot.tainted:
+                return  # a worker that ran this call's initializer never serves another call
+            slot.owner = None
+            self._wake_next()
+
+    # ------------------------------------------------------------------ removing workers
     def remove(self, slot: Slot, *, kill: bool) -> None:
         # Stopped before it leaves the list: a Ctrl-C in between leaves it to
         # be stopped again (see end_call), never forgotten while it runs.
@@ -97,68 +164,86 @@ class WorkerPool:
             slot.worker.kill()
         else:
             slot.worker.stop(_GRACE)
-        if slot in self.slots:
-            self.slots.remove(slot)
+        with self.lock:
+            if slot in self.slots:
+                self.slots.remove(slot)
+            self._wake_next()  # room to start a worker
 
     def prune_dead(self) -> None:
-        """Drop workers that exited while idle (idle timeout, or killed from outside)."""
-        for slot in list(self.slots):
-            if slot.worker.exitcode() is not None:
-                self.remove(slot, kill=True)
+        """Drop free workers that exited while idle (idle timeout, or killed from outside)."""
+        with self.lock:
+            dead = [s for s in self.slots if s.owner is None and s.worker.exitcode() is not None]
+        for slot in dead:
+            self.remove(slot, kill=True)
 
-    def end_call(self, *, interrupted: bool) -> None:
+    def end_call(self, call_id: int, *, interrupted: bool) -> None:
         """Clean up after a call; finishes even when Ctrl-C arrives during it, then re-raises that."""
         late: KeyboardInterrupt | None = None
         while True:
             try:
-                self._end_call(interrupted=interrupted or late is not None)
+                self._end_call(call_id, interrupted=interrupted or late is not None)
                 break
             except KeyboardInterrupt as caught:
                 late = caught
         if late is not None:
             raise late
 
-    def _end_call(self, *, interrupted: bool) -> None:
-        if interrupted:
-            self.broken = True
-        for slot in list(self.slots):
-            busy = bool(slot.queued)
-            if self.broken or busy or slot.said_bye:
+    def _end_call(self, call_id: int, *, interrupted: bool) -> None:
+        with self.lock:
+            self._stop_waiting(call_id)
+        for slot in self.held_by(call_id):
+            if interrupted or slot.queued or slot.said_bye or slot.eof:
                 self.remove(slot, kill=True)
             elif slot.tainted:
                 self.remove(slot, kill=False)
             slot.queued.clear()
-        if self.broken:
-            self.close()
+            with self.lock:
+                slot.owner = None
+                self._wake_next()
 
     def close(self, *, kill: bool = False) -> None:
-        for slot in list(self.slots):
+        """Stop every worker: all are told at once, then each gets what is left of the grace."""
+        with self.lock:
+            slots = list(self.slots)
+        if not kill:
+            for slot in slots:
+                slot.worker.announce_stop()
+        for slot in slots:
             self.remove(slot, kill=kill)
 
 
-_IDLE: dict[tuple[str, str | None, int], list[WorkerPool]] = {}
+_POOLS: dict[tuple[str, str | None, int], WorkerPool] = {}
 _LOCK = threading.Lock()
 
 
 def acquire(backend: Backend, start_method: str | None, size: int, idle_timeout: float) -> WorkerPool:
+    """The pool for this key, shared with any call running on it now."""
     key = (backend.name, start_method, size)
     with _LOCK:
-        pools = _IDLE.get(key)
-        pool = pools.pop() if pools else None
-    if pool is None:
-        return WorkerPool(backend, start_method, size, idle_timeout)
-    pool.prune_dead()
+        pool = _POOLS.get(key)
+        if pool is None or not backend.keep_warm or pool.backend is not backend:
+            pool = WorkerPool(backend, start_method, size, idle_timeout)
+            if backend.keep_warm:
+                _POOLS[key] = pool
+        pool.users += 1
+        first = pool.users == 1
+    if first:
+        pool.prune_dead()
     return pool
 
 
 def release(pool: WorkerPool) -> None:
-    if pool.broken:
-        return
-    if not pool.backend.keep_warm:
-        pool.close()
-        return
+    """The call is over. A broken pool (a crash, Ctrl-C) takes no new calls and closes with its last user."""
+    broken = pool.broken
     with _LOCK:
-        _IDLE.setdefault(pool.key, []).append(pool)
+        pool.users -= 1
+        if broken or not pool.backend.keep_warm:
+            pool.retired = True
+            if _POOLS.get(pool.key) is pool:
+                del _POOLS[pool.key]
+        last = pool.users == 0
+    if last and pool.retired:
+        pool.close(kill=broken)
 
 
 def shutdown() -> None:
@@ -166,18 +251,19 @@ def shutdown() -> None:
     from .registry import loaded_backends
 
     with _LOCK:
-        pools = [pool for pools in _IDLE.values() for pool in pools]
-        _IDLE.clear()
-    for pool in pools:
+        idle = [pool for pool in _POOLS.values() if pool.users == 0]
+        for pool in idle:
+            del _POOLS[pool.key]
+    for pool in idle:
         pool.close()
     for backend in loaded_backends():
         backend.shutdown()
 
 
 def idle_pool_count() -> int:
-    """How many warm pools are parked (for tests and diagnostics)."""
+    """How many warm pools wait for a call (for tests and diagnostics)."""
     with _LOCK:
-        return sum(len(p) for p in _IDLE.values())
+        return sum(1 for pool in _POOLS.values() if pool.users == 0)
 
 
 atexit.register(shutdown)

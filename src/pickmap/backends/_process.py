@@ -62,6 +62,7 @@ class ProcessWorker(Worker):
         self.waitable = caller_end
         self.outbox = _wire.Outbox(caller_end.fileno())
         self._reader = _wire.FrameReader(caller_end.fileno())
+        self._stop_sent = False
         self.sentinel = self.process.sentinel
         self.pid = self.process.pid
 
@@ -79,12 +80,17 @@ class ProcessWorker(Worker):
         self.process.join(5)
         self._close()
 
+    def announce_stop(self) -> None:
+        if not self._stop_sent:
+            self._stop_sent = True
+            try:
+                self.send([Stop()])
+            except OSError:
+                pass
+
     def stop(self, grace: float) -> None:
-        try:
-            self.send([Stop()])
-            if self.outbox.pending:  # a Stop that cannot be written now: nothing to wait for
-                raise OSError
-        except OSError:
+        self.announce_stop()
+        if self.outbox.pending or self.conn.closed:  # a Stop that cannot be written now: nothing to wait for
             self.kill()
             return
         self.process.join(grace)

@@ -88,6 +88,9 @@ class Worker(abc.ABC):
     def kill(self) -> None:
         """Stop the worker now, whatever it is doing (when it cannot be killed: abandon it)."""
 
+    def announce_stop(self) -> None:
+        """Tell the worker to finish and exit, without waiting (a pool tells all, then waits for each)."""
+
     def stop(self, grace: float) -> None:
         """Ask the worker to finish and exit; kill it after ``grace`` seconds."""
         self.kill()

@@ -41,6 +41,7 @@ class SerialBackend(Backend):
     killable = False
     reports_progress = False
     enforces_timeout = False
+    keep_warm = False  # nothing to keep, and a nested call in a task must get its own inline worker
     max_queued = 1
     max_workers = 1
 
