@@ -134,18 +134,33 @@ def test_interpreter_exits_promptly_with_warm_pools():
     assert out.strip() == "[3, 2, 1]"
 
 
-@pytest.mark.parametrize("method", [m for m in START_METHODS if m != "fork"])
-def test_worker_that_dies_while_starting_is_reported_not_hung(method, tmp_path):
-    # A spawn/forkserver worker imports the main module; here that import fails.
+def test_worker_that_dies_while_starting_is_reported_not_hung(tmp_path):
+    # The interpreter of a spawn worker exits before the worker runs any of pickmap's code.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\nif '--multiprocessing-fork' in sys.argv:\n    os._exit(3)\n"
+    )
     script = tmp_path / "fragile.py"
+    script.write_text("import pickmap\nprint(pickmap.pmap(abs, range(4)))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
+    env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), SRC]), PICKMAP_START_METHOD="spawn")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env)
+    assert done.returncode != 0
+    assert "WorkerCrashedError" in done.stderr and "while starting" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", [m for m in START_METHODS if m != "fork"])
+def test_workers_never_re_run_the_main_script_so_no_guard_is_needed(method, tmp_path):
+    # multiprocessing's own spawn/forkserver children import the main script
+    # again; pickmap's do not: the script's top level runs once, here.
+    script = tmp_path / "unguarded.py"
     script.write_text(
-        "import pickmap\n"
-        "if __name__ != '__main__':\n    raise RuntimeError('this script cannot be imported')\n"
-        "def f(x):\n    return x\n"
-        "if __name__ == '__main__':\n    print(pickmap.pmap(f, range(4)))\n"
+        "import os, pickmap\n"
+        "print('top level ran in', 'worker' if pickmap._worker.in_worker() else 'caller', flush=True)\n"
+        "def f(x):\n    return x + 1\n"
+        "print(pickmap.pmap(f, range(4), workers=2))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env.update(PYTHONPATH=SRC, PICKMAP_START_METHOD=method)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env)
-    assert done.returncode != 0
-    assert "WorkerCrashedError" in done.stderr and "while starting" in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["top level ran in caller", "[1, 2, 3, 4]"]

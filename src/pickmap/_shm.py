@@ -111,6 +111,41 @@ def write(buffers: list[memoryview], *, caller_pid: int, writer: str, reader_unl
 _MAP_WITHOUT_FD = sys.version_info >= (3, 13)
 
 
+def progress_segment(writer: str, size: int = 16) -> tuple[str, mmap.mmap]:
+    """A small zeroed segment both sides map shared and writable (a worker's progress slot).
+
+    Its own file, not multiprocessing's shared heap: the heap grows by arenas
+    that each hold a descriptor for the life of the process, and needs
+    ``/dev/shm``. The worker removes the name once it has mapped it.
+    """
+    sweep_dead()
+    name = f"{PREFIX}{os.getpid()}-{writer}-{next(_counter)}"
+    last: OSError | None = None
+    for directory in segment_dirs():
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except OSError as error:
+            last = error
+            continue
+        try:
+            os.write(fd, bytes(size))
+            return path, mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+        except OSError as error:
+            last = error
+            _remove(path)
+        finally:
+            os.close(fd)
+    raise OSError(f"pickmap could not create a progress slot in {', '.join(segment_dirs()) or 'any directory'}: {last}")
+
+
+def map_progress(path: str, size: int = 16) -> mmap.mmap:
+    with open(path, "r+b") as file:
+        mapping = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_WRITE)
+    _remove(path)
+    return mapping
+
+
 def map_segment(path: str, *, writable: bool) -> Any:
     """A whole segment as a buffer: a read-only mapping, or private writable memory
     (copy-on-write mapping where an mmap can drop its descriptor, else one read)."""

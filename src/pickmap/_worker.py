@@ -55,7 +55,7 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from . import _wire
+from . import _shm, _wire
 from ._protocol import (
     Bye,
     CallSpec,
@@ -398,7 +398,7 @@ def _close_inherited(fds: Sequence[Any]) -> None:
 
 def process_main(
     conn: Any,
-    progress: Any,
+    progress: str,
     idle_timeout: float,
     caller_pid: int,
     inherited: Sequence[Any],
@@ -416,7 +416,7 @@ def process_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _close_inherited(inherited)
     _wire.set_caller_pid(caller_pid)
-    view = progress.create_memoryview().cast("d") if progress is not None else None
+    view = memoryview(_shm.map_progress(progress)).cast("d")
     state = WorkerState(view, share_results=True, own_process=True)
     fd = conn.fileno()
     os.set_blocking(fd, True)

@@ -104,6 +104,8 @@ class WorkerPool:
                 if free is not None:
                     free.owner = call_id
                     self._stop_waiting(call_id)
+                    if len(self.slots) < self.size or any(s.owner is None and s.usable for s in self.slots):
+                        self._wake_next()  # more room than this call took: the next in line may go
                     return free
             others_wait = any(waiter != call_id for waiter in self._waiting)
             best = min(mine, key=lambda s: len(s.queued), default=None)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 import warnings
 import weakref
 from typing import Any, ClassVar, Sequence
 
-from .. import _wire
+from .. import _shm, _wire
 from .._protocol import Message, Stop
 from .._worker import process_main
 from .base import Backend, Worker, WorkerStart
@@ -25,18 +26,73 @@ from .base import Backend, Worker, WorkerStart
 _CALLER_ENDS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
+def _modules_of(func: Any) -> set[str]:
+    owner = getattr(func, "__self__", None)
+    found = {getattr(func, "__module__", None), getattr(type(owner), "__module__", None) if owner is not None else None}
+    return {m for m in found if isinstance(m, str) and m not in ("__main__", "__mp_main__", "builtins")}
+
+
+def _preload_fork_server(package: str, context: Any, start: WorkerStart) -> None:
+    """Before the fork server first starts: preload what the callable needs, never ``__main__``.
+
+    multiprocessing's default preload runs the caller's main script in the
+    server (``import numpy, pandas`` at its top: half a second here). pickmap
+    never needs ``__main__`` by reference in a worker (the probe refuses such
+    pickles), so the server imports the callable's modules instead, once, and
+    every worker forked from it starts with them loaded.
+    """
+    server = getattr(importlib.import_module(f"{package}.forkserver"), "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is not None:
+        return  # running already (started by us or by the user): leave it alone
+    modules = {"pickmap._worker"}
+    if start.inheritance is not None:
+        modules |= _modules_of(start.inheritance.func)
+    context.set_forkserver_preload(sorted(modules))
+
+
+_PREPARING = threading.Lock()
+
+
+def _start_without_main(package: str, process: Any) -> None:
+    """Start a spawn/forkserver process that does not re-run the caller's main script.
+
+    multiprocessing makes every such child import ``__main__`` again (as
+    ``__mp_main__``), so a script's own top-level imports (numpy, pandas) are
+    paid once per worker, and a script without an ``if __name__ ==
+    "__main__":`` guard starts workers recursively. pickmap's workers never
+    need the main module: the probe refuses pickles that name ``__main__``
+    objects by reference, and by-value callables carry what they use. So the
+    preparation data sent to this one child leaves the main script out.
+    (multiprocessing has no option for this; the function is swapped only
+    around this start, under a lock.)
+    """
+    spawn = importlib.import_module(f"{package}.spawn")
+    original = spawn.get_preparation_data
+
+    def without_main(name: str) -> dict[str, Any]:
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    with _PREPARING:
+        spawn.get_preparation_data = without_main
+        try:
+            process.start()
+        finally:
+            spawn.get_preparation_data = original
+
+
 class ProcessWorker(Worker):
     def __init__(self, package: str, start: WorkerStart) -> None:
         assert start.start_method is not None
         context = importlib.import_module(package).get_context(start.start_method)
+        if start.start_method == "forkserver":
+            _preload_fork_server(package, context, start)
         caller_end, worker_end = context.Pipe(duplex=True)
-        # Two doubles of shared memory, from multiprocessing's heap: RawArray
-        # would do the same but imports ctypes (6-9 ms on a first call here).
-        shared = importlib.import_module(f"{package}.heap").BufferWrapper(16)
-        progress = shared.create_memoryview().cast("d")
-        # The heap reuses freed blocks without clearing them: a slot left by a
-        # worker killed mid-item would read as an item running since then.
-        progress[0] = progress[1] = 0.0
+        # Two doubles of shared memory: [item index, start time] while a timed call runs.
+        self._progress_path, self._progress_map = _shm.progress_segment("p")
+        progress = memoryview(self._progress_map).cast("d")
         forked = start.start_method == "fork"
         inherited = [*_CALLER_ENDS, caller_end] if forked else []
         # Under fork, Process arguments are inherited, not pickled: the call's
@@ -45,7 +101,7 @@ class ProcessWorker(Worker):
         self.adopted_call = start.inheritance.spec.id if adopted is not None else None
         self.process = context.Process(
             target=process_main,
-            args=(worker_end, shared, start.idle_timeout, os.getpid(), inherited, adopted),
+            args=(worker_end, self._progress_path, start.idle_timeout, os.getpid(), inherited, adopted),
             name="pickmap-worker",
             daemon=True,
         )
@@ -53,16 +109,20 @@ class ProcessWorker(Worker):
             # Python 3.12+ warns on any fork of a multi-threaded process; pickmap forks
             # with other threads only when they are an OpenBLAS pool (see _settings.py).
             warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
-            self.process.start()
+            if forked:
+                self.process.start()
+            else:
+                _start_without_main(package, self.process)
         worker_end.close()
         _CALLER_ENDS.add(caller_end)
-        self._shared = shared  # keep the shared memory alive as long as the handle
         self.progress = progress
         self.conn = caller_end
         self.waitable = caller_end
         self.outbox = _wire.Outbox(caller_end.fileno())
         self._reader = _wire.FrameReader(caller_end.fileno())
         self._stop_sent = False
+        self._closed = False
+        self._exitcode: int | None = None
         self.sentinel = self.process.sentinel
         self.pid = self.process.pid
 
@@ -73,9 +133,11 @@ class ProcessWorker(Worker):
         return self._reader.read()
 
     def exitcode(self) -> int | None:
-        return self.process.exitcode
+        return self._exitcode if self._closed else self.process.exitcode
 
     def kill(self) -> None:
+        if self._closed:
+            return
         self.process.kill()
         self.process.join(5)
         self._close()
@@ -100,9 +162,16 @@ class ProcessWorker(Worker):
         self._close()
 
     def _close(self) -> None:
+        if self._closed:
+            return  # a kill interrupted by Ctrl-C is finished again by end_call
+        self._closed = True
         self.conn.close()
         _CALLER_ENDS.discard(self.conn)
-        if self.process.exitcode is not None:
+        _shm.unlink([self._progress_path])  # the worker removes it once mapped; not if it died first
+        self.progress.release()
+        self._progress_map.close()
+        self._exitcode = self.process.exitcode
+        if self._exitcode is not None:
             self.process.close()
 
 
