@@ -208,6 +208,53 @@ def started(directory: str) -> dict[int, int]:
     return found
 
 
+class ForksAGrandchild:
+    """Item ``bad`` forks a grandchild that sleeps ``HANG_SECONDS`` (its pid is
+    written to ``directory``), then the worker ``then``: ``"exit"`` (os._exit,
+    EXIT_CODE) or ``"return"`` (x); item ``stuck`` hangs; the others return x.
+
+    The grandchild inherits every descriptor the worker holds: its pipe to
+    the caller and, under fork and spawn, the write end of its sentinel."""
+
+    def __init__(self, directory: str, bad: int, then: str, stuck: int | None = None) -> None:
+        self.directory = directory
+        self.bad = bad
+        self.then = then
+        self.stuck = stuck
+
+    def __call__(self, x: int) -> int:
+        if x == self.stuck:
+            fault("hang", f"on item {x}")
+        if x != self.bad:
+            return x
+        if not in_worker():
+            raise RuntimeError("faults.py refuses to fork outside a pickmap worker")
+        child = os.fork()
+        if child == 0:
+            try:
+                time.sleep(HANG_SECONDS)
+            finally:
+                os._exit(0)
+        with open(os.path.join(self.directory, f"grandchild.{child}"), "w"):
+            pass
+        if self.then == "exit":
+            os._exit(EXIT_CODE)
+        return x
+
+
+def grandchildren(directory: str) -> list[int]:
+    """Pids a :class:`ForksAGrandchild` wrote into ``directory``."""
+    return [int(name.partition(".")[2]) for name in os.listdir(directory) if name.startswith("grandchild.")]
+
+
+def kill_pids(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def report_pid_then_sleep(x: int) -> int:
     """For the Ctrl-C child: tell the parent which process runs, then block."""
     os.write(1, f"WORKER {os.getpid()} {x}\n".encode())  # one write: lines never interleave
