@@ -464,3 +464,32 @@ def describe_pids(pids) -> dict[int, str]:
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
+
+
+# --------------------------------------------------------------------------- module state
+#: A module global a test changes in the caller (issue 9, case 6).
+OFFSET = 0
+
+
+def add_offset(x: int) -> int:
+    return x + OFFSET
+
+
+def set_offset(value: int) -> None:
+    global OFFSET
+    OFFSET = value
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+# --------------------------------------------------------------------------- inputs
+class InputBroke(Exception):
+    """What a broken input raises."""
+
+
+def breaks_after(count: int):
+    """A generator of ``range(count)`` that then raises :class:`InputBroke`."""
+    yield from range(count)
+    raise InputBroke(f"the input broke after {count} items")
