@@ -91,6 +91,28 @@ def fault(kind: str, where: str = "") -> None:
     raise AssertionError(f"unknown fault {kind!r} or it did not happen")
 
 
+# --------------------------------------------------------------------------- which backends a test applies to
+def backends_with(*flags: str) -> tuple[str, ...]:
+    """Installed backends whose capability flags (``backends/base.py``) are all set,
+    so a fault test runs on every backend where it means something, new ones included:
+    crashes need ``processes`` and ``sticky`` workers pickmap owns, killing a stuck
+    task needs ``killable``."""
+    import pickmap
+    from pickmap.registry import get_backend, registered_backends
+
+    installed = pickmap.available_backends()
+    return tuple(
+        name for name in registered_backends()
+        if name in installed and all(getattr(get_backend(name), flag) for flag in flags)
+    )  # fmt: skip
+
+
+def start_methods() -> tuple[str, ...]:
+    import multiprocessing
+
+    return tuple(m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods())
+
+
 # --------------------------------------------------------------------------- callables
 class CrashOn:
     """``x * x``, except that item ``bad`` performs ``kind``."""

@@ -43,7 +43,10 @@ from pickmap import (
 import faults
 from conftest import START_METHODS
 
-PROCESS_BACKENDS = ("stdlib", "cloudpickle", "dill")
+# From the registry: every installed backend with worker processes pickmap owns,
+# and those that can kill a stuck task (a new backend gets these tests for free).
+PROCESS_BACKENDS = faults.backends_with("processes", "sticky")
+KILLABLE_BACKENDS = faults.backends_with("processes", "killable")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SRC_DIR = os.path.join(os.path.dirname(TESTS_DIR), "src")
 
@@ -54,15 +57,15 @@ CRASH_WORDS = {"exit": f"exit code {faults.EXIT_CODE}", "sigkill": "SIGKILL", "s
                "sigsegv": "SIGSEGV"}  # fmt: skip
 
 
-def _matrix() -> list[object]:
-    return [pytest.param(b, m, id=f"{b}-{m}") for b in PROCESS_BACKENDS for m in START_METHODS]
+def _matrix(backends: tuple[str, ...] = PROCESS_BACKENDS) -> list[object]:
+    return [pytest.param(b, m, id=f"{b}-{m}") for b in backends for m in START_METHODS]
 
 
-def _rotation() -> list[object]:
+def _rotation(backends: tuple[str, ...] = PROCESS_BACKENDS) -> list[object]:
     """Every backend on fork, plus each backend once on a slower start method."""
-    cases = [(b, "fork") for b in PROCESS_BACKENDS if "fork" in START_METHODS]
+    cases = [(b, "fork") for b in backends if "fork" in START_METHODS]
     slow = [m for m in ("spawn", "forkserver") if m in START_METHODS]
-    for i, b in enumerate(PROCESS_BACKENDS):
+    for i, b in enumerate(backends):
         if slow:
             cases.append((b, slow[i % len(slow)]))
     return [pytest.param(b, m, id=f"{b}-{m}") for b, m in cases]
@@ -70,6 +73,7 @@ def _rotation() -> list[object]:
 
 MATRIX = _matrix()
 ROTATION = _rotation()
+KILLABLE_ROTATION = _rotation(KILLABLE_BACKENDS)
 FORK = [pytest.param(b, "fork", id=f"{b}-fork") for b in PROCESS_BACKENDS]
 
 
@@ -164,17 +168,11 @@ def test_crash_through_imap_unordered(backend, method):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend,method", FORK)
 def test_crash_with_return_exceptions_is_not_a_hang(backend, method):
-    # return_exceptions collects what func raises; a dead worker raised nothing.
-    # Either way the call ends promptly and says which item was lost.
-    with Clock() as clock:
-        try:
-            results = pmap(faults.CrashOn(3, "exit"), range(6), chunksize=1, return_exceptions=True,
-                           **kw(backend, method))  # fmt: skip
-        except WorkerCrashedError as error:
-            assert error.indices == (3,)
-        else:
-            assert isinstance(results[3], WorkerCrashedError)
-            assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 4, 16, 25]
+    # return_exceptions collects what func raises; a dead worker raised nothing,
+    # so the call ends (documented: a crash is never collected as a result).
+    with Clock() as clock, pytest.raises(WorkerCrashedError) as caught:
+        pmap(faults.CrashOn(3, "exit"), range(6), chunksize=1, return_exceptions=True, **kw(backend, method))
+    assert caught.value.indices == (3,)
     assert clock.elapsed < PROMPT
     assert_pool_works(backend, method)
 
@@ -283,7 +281,7 @@ def test_item_whose_pickling_calls_sys_exit_propagates_and_cleans_up(backend, me
     # sys.exit() in the caller's own code (a __reduce__) is the caller's wish:
     # it propagates, and nothing of the call keeps running.
     items = [0, 1, 2, faults.Bomb("sysexit", "dump", "caller"), 4]
-    with pytest.raises((SystemExit, SerializationError)):
+    with pytest.raises(SystemExit):
         pmap(faults.identity, items, chunksize=1, **kw(backend, method))
     assert_pool_works(backend, method)
 
@@ -297,7 +295,7 @@ def test_item_whose_unpickling_raises_in_the_worker(backend, method, kind):
         pmap(faults.identity, items, chunksize=1, **kw(backend, method))
     assert clock.elapsed < PROMPT
     assert caught.value.backend == backend
-    assert "index 3" in str(caught.value) or "item 3" in str(caught.value), str(caught.value)
+    assert "starting at index 3" in str(caught.value), str(caught.value)
     assert_pool_works(backend, method)
 
 
@@ -340,14 +338,15 @@ def test_result_that_cannot_be_unpickled_in_the_caller(backend, method):
         pmap(faults.ReturnBomb(3, "raise", "load", "caller"), range(6), chunksize=1, **kw(backend, method))
     assert clock.elapsed < PROMPT
     assert caught.value.index == 3
-    assert "Bomb" in str(caught.value) or "Bomb" in str(caught.value.__cause__)
+    assert "Bomb" in str(caught.value), str(caught.value)
+    assert isinstance(caught.value.__cause__, faults.Boom)
     assert_pool_works(backend, method)
 
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend,method", FORK)
 def test_result_whose_unpickling_calls_sys_exit_in_the_caller(backend, method):
-    with pytest.raises((SystemExit, SerializationError)):
+    with pytest.raises(SystemExit):
         pmap(faults.ReturnBomb(3, "sysexit", "load", "caller"), range(6), chunksize=1, **kw(backend, method))
     assert_pool_works(backend, method)
 
@@ -394,7 +393,7 @@ def test_sys_exit_in_a_task_comes_back_as_itself(backend, method):
 
 # =========================================================================== timeouts
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("backend,method", ROTATION)
+@pytest.mark.parametrize("backend,method", KILLABLE_ROTATION)
 def test_timeout_is_per_task_and_the_stuck_worker_is_replaced(backend, method, tmp_path):
     pids_of_a_warm_pool(backend, method)
     func = faults.Recorder(str(tmp_path), bad=3, seconds=0, kind="hang")
@@ -597,7 +596,8 @@ def test_ctrl_c_propagates_and_no_worker_survives(backend, method, target):
         assert survivors == [], f"processes survived Ctrl-C: {survivors}"
         rest, err = proc.communicate(timeout=PROMPT)
         assert "RETURNED" not in text + rest.decode()
-        assert proc.returncode in (-signal.SIGINT, 1, 128 + signal.SIGINT), (proc.returncode, err.decode())
+        # An uncaught KeyboardInterrupt ends CPython by SIGINT, as a shell expects.
+        assert proc.returncode == -signal.SIGINT, (proc.returncode, err.decode())
         assert "KeyboardInterrupt" in err.decode(), err.decode()
     finally:
         faults.kill_leftovers(proc, descendants)
