@@ -43,7 +43,7 @@ class ProcessWorker(Worker):
         caller_end, worker_end = context.Pipe(duplex=True)
         # Two doubles of shared memory, from multiprocessing's heap: RawArray
         # would do the same but imports ctypes (6-9 ms on a first call here).
-        shared = importlib.import_module(f"{package}.heap").BufferWrapper(16)
+        shared = _progress_block(package)
         progress = shared.create_memoryview().cast("d")
         # The heap reuses freed blocks without clearing them: a slot left by a
         # worker killed mid-item would read as an item running since then.
@@ -145,6 +145,46 @@ class ProcessWorker(Worker):
             os.close(self._pidfd)
             self._pidfd = None
         self._closed = True
+
+
+class _PrivateBlock:
+    """Progress memory that needs no ``/dev/shm``: a memfd (else a temp file) of our own.
+
+    Its arena travels to a spawn/forkserver worker as a duplicated descriptor
+    (multiprocessing reduces an ``Arena`` that way); under fork it is inherited.
+    """
+
+    def __init__(self, package: str, size: int) -> None:
+        heap = importlib.import_module(f"{package}.heap")
+        memfd_create = getattr(os, "memfd_create", None)
+        if memfd_create is not None:
+            fd = memfd_create("pickmap-progress")
+        else:
+            import tempfile
+
+            fd, path = tempfile.mkstemp(prefix="pickmap-progress-")
+            os.unlink(path)
+        os.ftruncate(fd, size)
+        self.arena = heap.Arena(size, fd)
+        self.size = size
+
+    def create_memoryview(self) -> memoryview:
+        return memoryview(self.arena.buffer)[: self.size]
+
+
+_heap_unusable = False
+
+
+def _progress_block(package: str) -> Any:
+    """Two doubles of shared memory: from multiprocessing's heap, or our own block where
+    its directory (``/dev/shm``) is read-only or full, so a call never fails for want of 16 bytes."""
+    global _heap_unusable
+    if not _heap_unusable:
+        try:
+            return importlib.import_module(f"{package}.heap").BufferWrapper(16)
+        except OSError:
+            _heap_unusable = True
+    return _PrivateBlock(package, 16)
 
 
 #: How long a worker whose pidfd says it exited may take to report its status.
