@@ -515,3 +515,43 @@ def breaks_after(count: int):
     """A generator of ``range(count)`` that then raises :class:`InputBroke`."""
     yield from range(count)
     raise InputBroke(f"the input broke after {count} items")
+
+
+# --------------------------------------------------------------------------- issue 9: the GIL, memory, shared memory
+def regex_or_size(x: Any) -> int:
+    """Item ``0``: a catastrophic regex that holds the GIL for minutes; a bytes item: its length."""
+    if isinstance(x, int) and x == 0:
+        import re
+
+        re.match(r"(a+)+$", "a" * 40 + "b")
+    return len(x)
+
+
+def limit_address_space(extra_mb: int, flag: str | None = None) -> None:
+    """Initializer: this worker may map only ``extra_mb`` more MB than it has now
+    (then it creates the file ``flag``, to say so)."""
+    import resource
+
+    # Free heap memory inherited at fork would count as room: hand it back first.
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/status") as status:
+        vm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    limit = (vm_kb << 10) + (extra_mb << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    if flag is not None:
+        with open(flag, "w"):
+            pass
+
+
+class ReportsWithBallast:
+    """A large callable (its ballast goes through shared memory) that reports its
+    pid and the item's size on stdout, then blocks."""
+
+    def __init__(self, ballast: bytes) -> None:
+        self.ballast = ballast
+
+    def __call__(self, x: Any) -> int:
+        return report_pid_then_sleep(len(x))
