@@ -761,7 +761,7 @@ def test_timeout_is_enforced_while_large_chunks_wait_for_a_worker_holding_the_gi
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend,method", ROTATION)
 def test_a_worker_out_of_memory_for_a_chunk_is_a_crash_not_a_hang(backend, method, no_shared_memory, tmp_path):
-    # The worker's reader thread hits MemoryError on a 256 MB frame (RLIMIT_AS):
+    # The worker's reader thread hits MemoryError on a 400 MB frame (RLIMIT_AS):
     # the worker exits, and the caller, in the middle of writing, sees a death.
     before = set(pmap(faults.pid_of, range(4), chunksize=1, **kw(backend, method, workers=1)))
 
@@ -772,13 +772,19 @@ def test_a_worker_out_of_memory_for_a_chunk_is_a_crash_not_a_hang(backend, metho
         deadline = time.monotonic() + 30  # read lazily: only once the worker runs under its limit
         while not flag.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
-        yield b"x" * (256 << 20)
+        yield b"x" * (400 << 20)
 
-    with Clock() as clock, pytest.raises(WorkerCrashedError):
-        pmap(faults.identity, small_then_huge(), initializer=faults.limit_address_space, initargs=(64, str(flag)),
+    # Documented: WorkerCrashedError when the reader cannot hold the frame; in
+    # some runs the frame fits and the copy made while loading it does not,
+    # which is a SerializationError naming the MemoryError. Never a hang.
+    with Clock() as clock, pytest.raises((WorkerCrashedError, SerializationError)) as caught:
+        pmap(faults.identity, small_then_huge(), initializer=faults.limit_address_space, initargs=(16, str(flag)),
              chunksize=1, timeout=5, **kw(backend, method, workers=1))  # fmt: skip
     assert clock.elapsed < PROMPT
-    assert faults.wait_until_gone(before, 5) == []
+    if isinstance(caught.value, SerializationError):
+        assert "MemoryError" in str(caught.value), str(caught.value)
+    else:
+        assert faults.wait_until_gone(before, 5) == []
     assert_pool_works(backend, method)
 
 

@@ -75,6 +75,17 @@ def spill_files(pid: int) -> list[str]:
     return [path for d in SPILL_DIRS for path in glob.glob(os.path.join(d, f"pickmap-{pid}-*"))]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_user_executors():
+    # The conftest's user executors (loky's idle workers leave after a while)
+    # would change the counts of their own accord; they are made again on demand.
+    import conftest
+
+    for made in conftest._MADE.values():
+        made.shutdown(wait=True)
+    conftest._MADE.clear()
+
+
 @pytest.fixture(autouse=True)
 def _default_idle_timeout(monkeypatch):
     # Workers must not leave on their own in the middle of a count.
