@@ -91,6 +91,28 @@ def fault(kind: str, where: str = "") -> None:
     raise AssertionError(f"unknown fault {kind!r} or it did not happen")
 
 
+# --------------------------------------------------------------------------- which backends a test applies to
+def backends_with(*flags: str) -> tuple[str, ...]:
+    """Installed backends whose capability flags (``backends/base.py``) are all set,
+    so a fault test runs on every backend where it means something, new ones included:
+    crashes need ``processes`` and ``sticky`` workers pickmap owns, killing a stuck
+    task needs ``killable``."""
+    import pickmap
+    from pickmap.registry import get_backend, registered_backends
+
+    installed = pickmap.available_backends()
+    return tuple(
+        name for name in registered_backends()
+        if name in installed and all(getattr(get_backend(name), flag) for flag in flags)
+    )  # fmt: skip
+
+
+def start_methods() -> tuple[str, ...]:
+    import multiprocessing
+
+    return tuple(m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods())
+
+
 # --------------------------------------------------------------------------- callables
 class CrashOn:
     """``x * x``, except that item ``bad`` performs ``kind``."""
@@ -206,6 +228,53 @@ def started(directory: str) -> dict[int, int]:
         index, _, pid = name.partition(".")
         found[int(index)] = int(pid)
     return found
+
+
+class ForksAGrandchild:
+    """Item ``bad`` forks a grandchild that sleeps ``HANG_SECONDS`` (its pid is
+    written to ``directory``), then the worker ``then``: ``"exit"`` (os._exit,
+    EXIT_CODE) or ``"return"`` (x); item ``stuck`` hangs; the others return x.
+
+    The grandchild inherits every descriptor the worker holds: its pipe to
+    the caller and, under fork and spawn, the write end of its sentinel."""
+
+    def __init__(self, directory: str, bad: int, then: str, stuck: int | None = None) -> None:
+        self.directory = directory
+        self.bad = bad
+        self.then = then
+        self.stuck = stuck
+
+    def __call__(self, x: int) -> int:
+        if x == self.stuck:
+            fault("hang", f"on item {x}")
+        if x != self.bad:
+            return x
+        if not in_worker():
+            raise RuntimeError("faults.py refuses to fork outside a pickmap worker")
+        child = os.fork()
+        if child == 0:
+            try:
+                time.sleep(HANG_SECONDS)
+            finally:
+                os._exit(0)
+        with open(os.path.join(self.directory, f"grandchild.{child}"), "w"):
+            pass
+        if self.then == "exit":
+            os._exit(EXIT_CODE)
+        return x
+
+
+def grandchildren(directory: str) -> list[int]:
+    """Pids a :class:`ForksAGrandchild` wrote into ``directory``."""
+    return [int(name.partition(".")[2]) for name in os.listdir(directory) if name.startswith("grandchild.")]
+
+
+def kill_pids(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def report_pid_then_sleep(x: int) -> int:
@@ -417,3 +486,72 @@ def describe_pids(pids) -> dict[int, str]:
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
+
+
+# --------------------------------------------------------------------------- module state
+#: A module global a test changes in the caller (issue 9, case 6).
+OFFSET = 0
+
+
+def add_offset(x: int) -> int:
+    return x + OFFSET
+
+
+def set_offset(value: int) -> None:
+    global OFFSET
+    OFFSET = value
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+# --------------------------------------------------------------------------- inputs
+class InputBroke(Exception):
+    """What a broken input raises."""
+
+
+def breaks_after(count: int):
+    """A generator of ``range(count)`` that then raises :class:`InputBroke`."""
+    yield from range(count)
+    raise InputBroke(f"the input broke after {count} items")
+
+
+# --------------------------------------------------------------------------- issue 9: the GIL, memory, shared memory
+def regex_or_size(x: Any) -> int:
+    """Item ``0``: a catastrophic regex that holds the GIL for minutes; a bytes item: its length."""
+    if isinstance(x, int) and x == 0:
+        import re
+
+        re.match(r"(a+)+$", "a" * 40 + "b")
+    return len(x)
+
+
+def limit_address_space(extra_mb: int, flag: str | None = None) -> None:
+    """Initializer: this worker may map only ``extra_mb`` more MB than it has now
+    (then it creates the file ``flag``, to say so)."""
+    import resource
+
+    # Free heap memory inherited at fork would count as room: hand it back first.
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/status") as status:
+        vm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    limit = (vm_kb << 10) + (extra_mb << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    if flag is not None:
+        with open(flag, "w"):
+            pass
+
+
+class ReportsWithBallast:
+    """A large callable (its ballast goes through shared memory) that reports its
+    pid and the item's size on stdout, then blocks."""
+
+    def __init__(self, ballast: bytes) -> None:
+        self.ballast = ballast
+
+    def __call__(self, x: Any) -> int:
+        return report_pid_then_sleep(len(x))

@@ -43,7 +43,10 @@ from pickmap import (
 import faults
 from conftest import START_METHODS
 
-PROCESS_BACKENDS = ("stdlib", "cloudpickle", "dill")
+# From the registry: every installed backend with worker processes pickmap owns,
+# and those that can kill a stuck task (a new backend gets these tests for free).
+PROCESS_BACKENDS = faults.backends_with("processes", "sticky")
+KILLABLE_BACKENDS = faults.backends_with("processes", "killable")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SRC_DIR = os.path.join(os.path.dirname(TESTS_DIR), "src")
 
@@ -54,15 +57,15 @@ CRASH_WORDS = {"exit": f"exit code {faults.EXIT_CODE}", "sigkill": "SIGKILL", "s
                "sigsegv": "SIGSEGV"}  # fmt: skip
 
 
-def _matrix() -> list[object]:
-    return [pytest.param(b, m, id=f"{b}-{m}") for b in PROCESS_BACKENDS for m in START_METHODS]
+def _matrix(backends: tuple[str, ...] = PROCESS_BACKENDS) -> list[object]:
+    return [pytest.param(b, m, id=f"{b}-{m}") for b in backends for m in START_METHODS]
 
 
-def _rotation() -> list[object]:
+def _rotation(backends: tuple[str, ...] = PROCESS_BACKENDS) -> list[object]:
     """Every backend on fork, plus each backend once on a slower start method."""
-    cases = [(b, "fork") for b in PROCESS_BACKENDS if "fork" in START_METHODS]
+    cases = [(b, "fork") for b in backends if "fork" in START_METHODS]
     slow = [m for m in ("spawn", "forkserver") if m in START_METHODS]
-    for i, b in enumerate(PROCESS_BACKENDS):
+    for i, b in enumerate(backends):
         if slow:
             cases.append((b, slow[i % len(slow)]))
     return [pytest.param(b, m, id=f"{b}-{m}") for b, m in cases]
@@ -70,6 +73,7 @@ def _rotation() -> list[object]:
 
 MATRIX = _matrix()
 ROTATION = _rotation()
+KILLABLE_ROTATION = _rotation(KILLABLE_BACKENDS)
 FORK = [pytest.param(b, "fork", id=f"{b}-fork") for b in PROCESS_BACKENDS]
 
 
@@ -164,17 +168,11 @@ def test_crash_through_imap_unordered(backend, method):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend,method", FORK)
 def test_crash_with_return_exceptions_is_not_a_hang(backend, method):
-    # return_exceptions collects what func raises; a dead worker raised nothing.
-    # Either way the call ends promptly and says which item was lost.
-    with Clock() as clock:
-        try:
-            results = pmap(faults.CrashOn(3, "exit"), range(6), chunksize=1, return_exceptions=True,
-                           **kw(backend, method))  # fmt: skip
-        except WorkerCrashedError as error:
-            assert error.indices == (3,)
-        else:
-            assert isinstance(results[3], WorkerCrashedError)
-            assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 4, 16, 25]
+    # return_exceptions collects what func raises; a dead worker raised nothing,
+    # so the call ends (documented: a crash is never collected as a result).
+    with Clock() as clock, pytest.raises(WorkerCrashedError) as caught:
+        pmap(faults.CrashOn(3, "exit"), range(6), chunksize=1, return_exceptions=True, **kw(backend, method))
+    assert caught.value.indices == (3,)
     assert clock.elapsed < PROMPT
     assert_pool_works(backend, method)
 
@@ -283,7 +281,7 @@ def test_item_whose_pickling_calls_sys_exit_propagates_and_cleans_up(backend, me
     # sys.exit() in the caller's own code (a __reduce__) is the caller's wish:
     # it propagates, and nothing of the call keeps running.
     items = [0, 1, 2, faults.Bomb("sysexit", "dump", "caller"), 4]
-    with pytest.raises((SystemExit, SerializationError)):
+    with pytest.raises(SystemExit):
         pmap(faults.identity, items, chunksize=1, **kw(backend, method))
     assert_pool_works(backend, method)
 
@@ -297,7 +295,7 @@ def test_item_whose_unpickling_raises_in_the_worker(backend, method, kind):
         pmap(faults.identity, items, chunksize=1, **kw(backend, method))
     assert clock.elapsed < PROMPT
     assert caught.value.backend == backend
-    assert "index 3" in str(caught.value) or "item 3" in str(caught.value), str(caught.value)
+    assert "starting at index 3" in str(caught.value), str(caught.value)
     assert_pool_works(backend, method)
 
 
@@ -340,14 +338,15 @@ def test_result_that_cannot_be_unpickled_in_the_caller(backend, method):
         pmap(faults.ReturnBomb(3, "raise", "load", "caller"), range(6), chunksize=1, **kw(backend, method))
     assert clock.elapsed < PROMPT
     assert caught.value.index == 3
-    assert "Bomb" in str(caught.value) or "Bomb" in str(caught.value.__cause__)
+    assert "Bomb" in str(caught.value), str(caught.value)
+    assert isinstance(caught.value.__cause__, faults.Boom)
     assert_pool_works(backend, method)
 
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend,method", FORK)
 def test_result_whose_unpickling_calls_sys_exit_in_the_caller(backend, method):
-    with pytest.raises((SystemExit, SerializationError)):
+    with pytest.raises(SystemExit):
         pmap(faults.ReturnBomb(3, "sysexit", "load", "caller"), range(6), chunksize=1, **kw(backend, method))
     assert_pool_works(backend, method)
 
@@ -394,7 +393,7 @@ def test_sys_exit_in_a_task_comes_back_as_itself(backend, method):
 
 # =========================================================================== timeouts
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("backend,method", ROTATION)
+@pytest.mark.parametrize("backend,method", KILLABLE_ROTATION)
 def test_timeout_is_per_task_and_the_stuck_worker_is_replaced(backend, method, tmp_path):
     pids_of_a_warm_pool(backend, method)
     func = faults.Recorder(str(tmp_path), bad=3, seconds=0, kind="hang")
@@ -597,7 +596,8 @@ def test_ctrl_c_propagates_and_no_worker_survives(backend, method, target):
         assert survivors == [], f"processes survived Ctrl-C: {survivors}"
         rest, err = proc.communicate(timeout=PROMPT)
         assert "RETURNED" not in text + rest.decode()
-        assert proc.returncode in (-signal.SIGINT, 1, 128 + signal.SIGINT), (proc.returncode, err.decode())
+        # An uncaught KeyboardInterrupt ends CPython by SIGINT, as a shell expects.
+        assert proc.returncode == -signal.SIGINT, (proc.returncode, err.decode())
         assert "KeyboardInterrupt" in err.decode(), err.decode()
     finally:
         faults.kill_leftovers(proc, descendants)
@@ -696,3 +696,140 @@ def test_unknown_start_method_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="PICKMAP_START_METHOD") as caught:
         pmap(faults.square, range(3), backend="stdlib", workers=2)
     assert all(method in str(caught.value) for method in START_METHODS)
+
+
+# =========================================================================== issue 9: faults v2 must survive
+GRANDCHILD_CASES = MATRIX  # every process backend pickmap owns, every start method
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend,method", GRANDCHILD_CASES)
+def test_a_worker_that_forks_a_grandchild_and_exits_is_seen_dead_at_once(backend, method, tmp_path):
+    # The grandchild holds the worker's pipe (and, under fork and spawn, its
+    # sentinel): death must be seen from the process itself.
+    func = faults.ForksAGrandchild(str(tmp_path), bad=1, then="exit")
+    try:
+        with Clock() as clock, pytest.raises(WorkerCrashedError) as caught:
+            pmap(func, range(4), chunksize=1, **kw(backend, method))
+        assert clock.elapsed < PROMPT
+        assert caught.value.exitcode == faults.EXIT_CODE  # forkserver: reported by the fork server
+        assert f"exit code {faults.EXIT_CODE}" in str(caught.value) and caught.value.indices == (1,)
+        assert [pid for pid in faults.grandchildren(str(tmp_path)) if faults.alive(pid)], "the grandchild must still live"
+    finally:
+        faults.kill_pids(faults.grandchildren(str(tmp_path)))
+    assert_pool_works(backend, method)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend,method", GRANDCHILD_CASES)
+def test_a_grandchild_outliving_its_task_does_not_delay_a_later_timeout(backend, method, tmp_path):
+    # Item 0 leaves a grandchild behind; item 1 hangs. Killing the worker used
+    # to join on the sentinel the grandchild holds: 5 s more. Measured as a
+    # bound well under those 5 s, not as a speed.
+    func = faults.ForksAGrandchild(str(tmp_path), bad=0, then="return", stuck=1)
+    try:
+        with Clock() as clock, pytest.raises(TaskTimeoutError) as caught:
+            pmap(func, range(3), chunksize=1, timeout=1, **kw(backend, method, workers=1))
+        assert caught.value.index == 1
+        assert clock.elapsed < 1 + 3
+    finally:
+        faults.kill_pids(faults.grandchildren(str(tmp_path)))
+    assert_pool_works(backend, method)
+
+
+@pytest.fixture
+def no_shared_memory(monkeypatch):
+    """Large buffers go through the pipe (as where /dev/shm cannot take them)."""
+    from pickmap import _shm
+
+    monkeypatch.setattr(_shm, "segment_dirs", lambda: [])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend,method", ROTATION)
+def test_timeout_is_enforced_while_large_chunks_wait_for_a_worker_holding_the_gil(backend, method, no_shared_memory):
+    # Item 0 holds the GIL in a regex for minutes, so its worker's reader
+    # thread cannot drain 4 MB chunks: the caller must never block writing.
+    items = [0] + [b"x" * (4 << 20)] * 6
+    with Clock() as clock, pytest.raises(TaskTimeoutError) as caught:
+        pmap(faults.regex_or_size, items, chunksize=1, timeout=1, **kw(backend, method))
+    assert caught.value.index == 0
+    assert clock.elapsed < PROMPT  # a hang guard: it used to return after the writes, 4-10 s
+    assert_pool_works(backend, method)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend,method", ROTATION)
+def test_a_worker_out_of_memory_for_a_chunk_is_a_crash_not_a_hang(backend, method, no_shared_memory, tmp_path):
+    # The worker's reader thread hits MemoryError on a 400 MB frame (RLIMIT_AS):
+    # the worker exits, and the caller, in the middle of writing, sees a death.
+    before = set(pmap(faults.pid_of, range(4), chunksize=1, **kw(backend, method, workers=1)))
+
+    flag = tmp_path / "limited"
+
+    def small_then_huge():
+        yield b"small"
+        deadline = time.monotonic() + 30  # read lazily: only once the worker runs under its limit
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield b"x" * (400 << 20)
+
+    # Documented: WorkerCrashedError when the reader cannot hold the frame; in
+    # some runs the frame fits and the copy made while loading it does not,
+    # which is a SerializationError naming the MemoryError. Never a hang.
+    with Clock() as clock, pytest.raises((WorkerCrashedError, SerializationError)) as caught:
+        pmap(faults.identity, small_then_huge(), initializer=faults.limit_address_space, initargs=(16, str(flag)),
+             chunksize=1, timeout=5, **kw(backend, method, workers=1))  # fmt: skip
+    assert clock.elapsed < PROMPT
+    if isinstance(caught.value, SerializationError):
+        assert "MemoryError" in str(caught.value), str(caught.value)
+    else:
+        assert faults.wait_until_gone(before, 5) == []
+    assert_pool_works(backend, method)
+
+
+CTRL_C_TWICE_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import faults, pickmap
+    backend, method = sys.argv[1], sys.argv[2]
+    interrupts, called = 0, False
+    while True:  # as a REPL does: an interrupt is caught, and the session goes on
+        try:
+            if not called:
+                called = True
+                pickmap.pmap(faults.report_pid_then_sleep, range(8), backend=backend, start_method=method,
+                             workers=4, chunksize=1)
+            time.sleep(0.5)
+            break
+        except KeyboardInterrupt:
+            interrupts += 1
+    print("CAUGHT", interrupts, flush=True)
+    sys.stdin.read()  # stay alive while the parent counts workers
+    """
+)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("backend,method", ROTATION)
+def test_ctrl_c_twice_in_a_session_that_catches_it_leaves_no_worker_running(backend, method):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_TWICE_CHILD, backend, method],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env(), cwd=TESTS_DIR,
+        start_new_session=True,
+    )  # fmt: skip
+    workers: set[int] = set()
+    try:
+        text = _read_until(proc, lambda t: len(_worker_pids(t)) >= 4, 60)
+        workers = _worker_pids(text)
+        assert len(workers) == 4, f"workers did not start: {text!r}"
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGINT)  # lands in the clean-up of the first
+        text += _read_until(proc, lambda t: "CAUGHT" in t, PROMPT)
+        assert "CAUGHT" in text, f"the session did not survive two interrupts: {text!r}"
+        # Counted while the caller still lives: workers must not outlive the call.
+        assert faults.wait_until_gone(workers, PROMPT) == [], faults.describe_pids(workers)
+    finally:
+        faults.kill_leftovers(proc, workers)
+        proc.communicate(timeout=PROMPT)

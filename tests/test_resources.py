@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import glob
 import os
+import re
 import select
 import signal
 import subprocess
@@ -72,6 +73,17 @@ def difference(before: tuple[int, list[int]], after: tuple[int, list[int]]) -> s
 
 def spill_files(pid: int) -> list[str]:
     return [path for d in SPILL_DIRS for path in glob.glob(os.path.join(d, f"pickmap-{pid}-*"))]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_user_executors():
+    # The conftest's user executors (loky's idle workers leave after a while)
+    # would change the counts of their own accord; they are made again on demand.
+    import conftest
+
+    for made in conftest._MADE.values():
+        made.shutdown(wait=True)
+    conftest._MADE.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -290,3 +302,125 @@ def test_thread_backend_faults_leave_no_thread_running():
     assert thread_count() == before_threads, [t.name for t in threading.enumerate()]
     after = settled(before)
     assert after == before, difference(before, after)
+
+
+# =========================================================================== issue 9: /dev/shm unusable, a caller killed
+@pytest.mark.timeout(60)
+def test_shared_memory_that_cannot_be_written_warns_once_and_the_pipe_carries_the_call(monkeypatch, tmp_path):
+    from pickmap import _shm
+
+    missing = str(tmp_path / "no-such-dir")  # every segment write fails there (root ignores permissions)
+    monkeypatch.setattr(_shm, "segment_dirs", lambda: [missing])
+    monkeypatch.setattr(_shm, "_warned", False)
+    func = faults.CrashOn(-1, "raise")
+    func.ballast = os.urandom(3 << 20)  # a large callable
+    big = [os.urandom(1 << 20) for _ in range(3)]  # and large items
+    with pytest.warns(RuntimeWarning, match="could not use shared memory") as caught:
+        assert pmap(func, range(4), chunksize=1, **kw("stdlib", "fork")) == [0, 1, 4, 9]
+        assert pmap(faults.identity, big, chunksize=1, **kw("stdlib", "fork")) == big
+    assert len([w for w in caught if "shared memory" in str(w.message)]) == 1
+
+
+DEV_SHM_CHILD = textwrap.dedent(
+    """
+    import os, sys, warnings
+    import faults, pickmap
+    if __name__ == "__main__":
+        warnings.simplefilter("always")
+        func = faults.CrashOn(-1, "raise")
+        func.ballast = os.urandom(3 << 20)
+        big = [os.urandom(1 << 20) for _ in range(3)]
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for method in sys.argv[1:]:
+                assert pickmap.pmap(func, range(4), start_method=method, workers=2, chunksize=1, timeout=30) == [0, 1, 4, 9]
+                assert pickmap.pmap(faults.identity, big, start_method=method, workers=2, chunksize=1) == big
+        print("OK", sum("shared memory" in str(w.message) for w in seen), flush=True)
+    """
+)
+
+
+def _in_a_mount_namespace(setup: str) -> list[str] | None:
+    """The argv prefix that runs a command with ``/dev/shm`` replaced as ``setup`` says, or None if not permitted."""
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                           capture_output=True, timeout=30) if _has("unshare") else None  # fmt: skip
+    if probe is None or probe.returncode != 0:
+        return None
+    return ["unshare", "-m", "sh", "-c", f'{setup} && exec "$0" "$@"']
+
+
+def _has(program: str) -> bool:
+    import shutil
+
+    return shutil.which(program) is not None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "setup,warnings_seen",
+    [
+        # Read-only: the temp directory takes the segments and the progress
+        # slots; one warning says so.
+        ("mount -t tmpfs -o size=1m tmpfs /dev/shm && mount -o remount,ro /dev/shm", 1),
+        # Docker-like but tinier: a 3 MB callable does not fit; the pipe carries it, with one warning.
+        ("mount -t tmpfs -o size=1m tmpfs /dev/shm", 1),
+    ],
+    ids=["read-only", "too-small"],
+)
+def test_a_dev_shm_read_only_or_too_small_never_fails_a_call(setup, warnings_seen):
+    prefix = _in_a_mount_namespace(setup)
+    if prefix is None:
+        pytest.skip("cannot mount a private /dev/shm here (needs unshare -m)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
+    env["PYTHONPATH"] = os.pathsep.join([SRC_DIR, TESTS_DIR, env.get("PYTHONPATH", "")])
+    done = subprocess.run([*prefix, sys.executable, "-c", DEV_SHM_CHILD, *START_METHODS], capture_output=True,
+                          env=env, cwd=TESTS_DIR, timeout=100)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert done.stdout.decode().split() == ["OK", str(warnings_seen)], done.stdout.decode()
+
+
+SIGTERM_CHILD = textwrap.dedent(
+    """
+    import os
+    import faults, pickmap
+    big = faults.ReportsWithBallast(os.urandom(3 << 20))
+    items = [os.urandom(1 << 20) for _ in range(8)]  # large items: segments their reader removes
+    pickmap.pmap(big, items, backend="stdlib", start_method="fork", workers=2, chunksize=1)
+    """
+)
+
+
+@pytest.mark.timeout(90)
+def test_a_caller_killed_by_sigterm_leaves_nothing_once_the_next_pickmap_process_starts():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
+    env["PYTHONPATH"] = os.pathsep.join([SRC_DIR, TESTS_DIR, env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True)  # fmt: skip
+    workers: list[int] = []
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while seen.count(b"WORKER") < 2 and time.monotonic() < deadline:
+            if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            seen += chunk
+        assert seen.count(b"WORKER") >= 2, seen
+        workers = [int(pid) for pid in re.findall(rb"WORKER (\d+) ", seen)]
+        # Mid-call: the items the workers hold were mapped and unlinked at once;
+        # only the callable's segment (writer "c", owned by the caller) remains.
+        left = spill_files(proc.pid)
+        assert left and all(f"pickmap-{proc.pid}-c-" in os.path.basename(path) for path in left), left
+        os.kill(proc.pid, signal.SIGTERM)  # the default handler: no atexit, no clean-up
+        proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGTERM
+        faults.kill_pids(workers)
+        # The next pickmap process sweeps what a dead caller left.
+        subprocess.run([sys.executable, "-c", "import os, pickmap; pickmap.pmap(len, [os.urandom(1 << 20)], "
+                        "backend='stdlib', workers=1)"], env=env, timeout=60, check=True)  # fmt: skip
+        assert spill_files(proc.pid) == []
+    finally:
+        faults.kill_leftovers(proc, workers)
+        proc.communicate(timeout=10)

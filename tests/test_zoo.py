@@ -48,8 +48,12 @@ def test_probe_pick_and_result(label, factory, expected):
 
 
 def test_initializer_decides_too():
+    from pickmap.probe import choose
+
     init = zoo.make_lambda(1)
     assert explain(zoo.square, DATA).backend == "stdlib"
+    # A lambda initializer needs cloudpickle, so it moves the call down the ladder.
+    assert choose(zoo.square, DATA[:1], (init, (1,)), use_cache=False)[0] == "cloudpickle"
     assert pmap(zoo.square, DATA, initializer=init, initargs=(1,)) == [1, 4, 9, 16]
 
 

@@ -54,6 +54,8 @@ def segment_dirs() -> list[str]:
     if _dirs is None:
         found = [d for d in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(d) and os.access(d, os.W_OK)]
         _dirs = list(dict.fromkeys(found))
+        if os.path.isdir("/dev/shm") and "/dev/shm" not in _dirs:
+            _warn_once(PermissionError("/dev/shm is not writable"))
     return _dirs
 
 
@@ -65,8 +67,8 @@ def _warn_once(error: OSError) -> None:
     import warnings
 
     warnings.warn(
-        f"pickmap could not write shared memory ({error}); large buffers go through the pipe "
-        f"instead (slower, one more copy). Give /dev/shm more room, e.g. `docker run --shm-size=2g`",
+        f"pickmap could not use shared memory ({error}); large buffers go through the temp directory "
+        f"or the pipe instead (slower). Give /dev/shm room, e.g. `docker run --shm-size=2g`",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -120,29 +122,36 @@ def progress_segment(writer: str, size: int = 16) -> tuple[str, mmap.mmap]:
     """
     sweep_dead()
     name = f"{PREFIX}{os.getpid()}-{writer}-{next(_counter)}"
-    last: OSError | None = None
     for directory in segment_dirs():
         path = os.path.join(directory, name)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        except OSError as error:
-            last = error
+        except OSError:
             continue
         try:
             os.write(fd, bytes(size))
             return path, mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
-        except OSError as error:
-            last = error
+        except OSError:
             _remove(path)
         finally:
             os.close(fd)
-    raise OSError(f"pickmap could not create a progress slot in {', '.join(segment_dirs()) or 'any directory'}: {last}")
+    # No directory takes it (a read-only or full /dev/shm and temp dir): an
+    # anonymous memfd, which the worker opens through /proc while we keep it open.
+    fd = os.memfd_create("pickmap-progress")
+    os.write(fd, bytes(size))
+    path = f"/proc/{os.getpid()}/fd/{fd}"
+    _MEMFDS[path] = fd
+    return path, mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+
+
+_MEMFDS: dict[str, int] = {}  # progress slots without a directory: /proc path -> our descriptor
 
 
 def map_progress(path: str, size: int = 16) -> mmap.mmap:
     with open(path, "r+b") as file:
         mapping = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_WRITE)
-    _remove(path)
+    if not path.startswith("/proc/"):
+        _remove(path)
     return mapping
 
 
@@ -170,7 +179,11 @@ def _remove(path: str) -> None:
 def unlink(paths: Iterable[str]) -> None:
     for path in list(paths):
         _OWNED.discard(path)
-        _remove(path)
+        fd = _MEMFDS.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+        else:
+            _remove(path)
 
 
 def unlink_writer(caller_pid: int, writer: str) -> None:

@@ -119,6 +119,12 @@ def run_items(
             results.extend(itertools.starmap(func, items) if star else map(func, items))
         except BaseException as exc:  # noqa: BLE001 - everything is reported back
             return results, start + len(results), exc
+        if len(results) < len(items):
+            # map() ends quietly when func raises StopIteration, and keeps no
+            # trace of it: a short list can only mean that (checking the length
+            # costs nothing per item, unlike a wrapper around func).
+            index = start + len(results)
+            return results, index, stop_iteration_error(func, index, None)
         return results, None, None
     for offset, item in enumerate(items):
         if progress is not None:
@@ -127,6 +133,8 @@ def run_items(
         try:
             results.append(func(*item) if star else func(item))
         except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, StopIteration):
+                exc = stop_iteration_error(func, start + offset, exc)
             if not collect or isinstance(exc, KeyboardInterrupt):
                 # Ctrl-C (serial backend, in the caller's thread) is never a result.
                 return results, start + offset, exc
@@ -135,6 +143,23 @@ def run_items(
     if progress is not None:
         progress[1] = 0.0
     return results, None, None
+
+
+def stop_iteration_error(func: Callable[..., Any], index: int, exc: StopIteration | None) -> RuntimeError:
+    """What a ``StopIteration`` raised by ``func`` on item ``index`` becomes: a ``RuntimeError``.
+
+    Raised as itself, it would end whatever loop consumes the results (a
+    ``for`` over ``imap``, a generator calling ``pmap``) as if they had run
+    out: a silently shorter list. Generators turn it into ``RuntimeError``
+    for the same reason (PEP 479). ``exc`` is the original when it was caught
+    (its traceback is the ``__cause__``); ``None`` when ``map()`` swallowed it.
+    """
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    error = RuntimeError(f"{name} raised StopIteration on item {index}")
+    if exc is not None:
+        error.__cause__ = exc
+        error.__traceback__ = exc.__traceback__
+    return error
 
 
 def _safe_text(render: Callable[[], str], exc: BaseException) -> str:

@@ -66,6 +66,7 @@ class Chunker:
         self._per_item = _remembered(func)  # seconds; None until measured
         self._fixed = chunksize is not None  # the caller's chunksize= is never changed
         self.adaptive = not self._fixed and length is None
+        self.input_error: Exception | None = None  # what the input raised; nothing is read after it
         if chunksize is not None:
             self.size = chunksize
         elif length is not None:
@@ -78,8 +79,21 @@ class Chunker:
             self.size = 1
 
     def next_chunk(self) -> tuple[int, list[Any]] | None:
-        """``(index of the first item, items)``, or ``None`` when the input is exhausted."""
-        items = list(itertools.islice(self._items, self._next_size()))
+        """``(index of the first item, items)``, or ``None`` when the input is exhausted.
+
+        An exception raised by the input ends it: the items read before it
+        still form a chunk, the exception is kept in :attr:`input_error`
+        (for the engine to raise once their results are out, as ``map``
+        would), and nothing more is read. ``KeyboardInterrupt`` and other
+        non-``Exception`` errors propagate at once.
+        """
+        if self.input_error is not None:
+            return None
+        items: list[Any] = []
+        try:
+            items.extend(itertools.islice(self._items, self._next_size()))  # extend keeps what came before
+        except Exception as exc:  # noqa: BLE001 - the input's own error, raised by the engine later
+            self.input_error = exc
         if not items:
             return None
         start = self._next_start

@@ -172,6 +172,9 @@ class _Run:
                 if not self.inflight and not self.requeued and not self.finished and (
                     self.source_done or self.failed_seq is not None
                 ):
+                    if self.chunker.input_error is not None and self.failed_seq is None:
+                        # The input raised: now that every result before it is out, as map() would.
+                        raise self.chunker.input_error
                     return
                 yield from self._wait()
                 if self.failure is not None:

@@ -23,7 +23,9 @@ Serializers:
 - ``cloudpickle``: cloudpickle for dumping (by value where needed), the C
   unpickler for loading.
 - ``dill``: dill with ``recurse=True``, so a ``__main__`` function carries the
-  globals it uses instead of expecting them in the worker's ``__main__``.
+  globals it uses instead of expecting them in the worker's ``__main__``; a
+  class it carries by value keeps one identity per process across pickles
+  (:func:`_tracked_class`).
 - ``identity``: no bytes at all; thread and serial workers share memory.
 
 Large ``bytes``/``bytearray``: the C pickler writes these itself before it
@@ -53,7 +55,10 @@ import io
 import pickle
 import pickletools
 import sys
+import threading
 import types
+import uuid
+import weakref
 from typing import Any, Callable, ClassVar, NamedTuple
 
 __all__ = (
@@ -385,10 +390,55 @@ class _DispatchWithout:
         return default if kind is self._skipped else self._table.get(kind, default)
 
 
+# dill pickles a class that cannot be imported by value, and each pickle
+# rebuilds it: the callable and the items travel in separate pickles, so one
+# class would become two in the worker (``isinstance`` fails), and a returned
+# instance would not be of the caller's class. As cloudpickle's class tracker
+# does, a by-value class gets an id the first time this process dumps or
+# loads it, and loading an id this process knows returns the class it knows:
+# in the worker the callable's and the items' class are one object, and
+# results come back as instances of the caller's original class.
+_CLASS_IDS: "weakref.WeakKeyDictionary[type, str]" = weakref.WeakKeyDictionary()
+_CLASSES_BY_ID: "weakref.WeakValueDictionary[str, type]" = weakref.WeakValueDictionary()
+_CLASS_LOCK = threading.Lock()
+
+
+def _class_id(cls: type) -> str:
+    with _CLASS_LOCK:
+        class_id = _CLASS_IDS.get(cls)
+        if class_id is None:
+            class_id = uuid.uuid4().hex
+            _CLASS_IDS[cls] = class_id
+            _CLASSES_BY_ID[class_id] = cls
+        return class_id
+
+
+def _tracked_class(class_id: str, build: Callable[..., type], args: tuple[Any, ...]) -> type:
+    """Load side of a by-value class: the class this process knows under ``class_id``, else the one ``build`` makes.
+
+    It is built even when known, so the probe's trial load in the caller
+    still proves the class can be rebuilt; the copy is then dropped.
+    """
+    built = build(*args)
+    with _CLASS_LOCK:
+        known = _CLASSES_BY_ID.get(class_id)
+        if known is not None:
+            return known
+        _CLASSES_BY_ID[class_id] = built
+        _CLASS_IDS[built] = class_id
+        return built
+
+
 @functools.lru_cache(maxsize=None)
 def _dill_classes() -> tuple[type, type, type]:
     """``(pickler, unpickler, trial unpickler)``; dill is imported on first use."""
     import dill
+    from dill import _dill
+
+    class_builders = tuple(
+        builder for builder in (getattr(_dill, name, None) for name in ("_create_type", "new_class", "_create_namedtuple"))
+        if builder is not None
+    )  # fmt: skip
 
     class _DillPickler(dill.Pickler):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -401,6 +451,13 @@ def _dill_classes() -> tuple[type, type, type]:
         # share of the cost: always on, no second pass.
         def persistent_id(self, obj: Any) -> Any:
             return _large_bytes_id(obj)
+
+        def save_reduce(self, func: Any, args: Any, *rest: Any, obj: Any = None, **kwargs: Any) -> None:
+            # dill rebuilds a by-value class with one of these builders: wrap the
+            # call so that the loading process resolves the class by its id.
+            if func in class_builders and isinstance(obj, type):
+                func, args = _tracked_class, (_class_id(obj), func, tuple(args))
+            super().save_reduce(func, args, *rest, obj=obj, **kwargs)
 
     class _DillUnpickler(dill.Unpickler):  # type: ignore[misc]
         reuse_original = False

@@ -1,17 +1,29 @@
 """Workers that are pickmap's own processes: shared by the stdlib, cloudpickle and dill backends.
 
-Each worker gets its own duplex pipe and a two-slot shared array for progress;
-the engine waits on the pipe (replies) and on the process sentinel (death),
-and writes through a non-blocking outbox. A backend only chooses the
-serializer and which ``multiprocessing``-like package starts the processes
-(``multiprocessing`` or pathos' ``multiprocess``).
+Each worker gets its own duplex pipe and a two-slot shared progress segment;
+the engine waits on the pipe (replies) and on the worker's death, and writes
+through a non-blocking outbox.
+
+Death is watched on the process itself, a pidfd (Linux 5.3 and later), not
+on ``Process.sentinel``: under fork and spawn that is a pipe the worker holds
+open, and so does any grandchild a task forks, so a worker that died while a
+grandchild lives would never look dead, and joining it would wait out every
+timeout. A pidfd becomes readable when the process exits, whoever holds
+what. A forkserver worker is not our child: its exit status comes from the
+fork server, a moment after the pidfd says it died. Elsewhere (no pidfd) the
+sentinel is used as before. A backend only chooses the serializer and which
+``multiprocessing``-like package starts the processes (``multiprocessing`` or
+pathos' ``multiprocess``).
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import os
+import select
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, ClassVar, Sequence
@@ -123,8 +135,10 @@ class ProcessWorker(Worker):
         self._stop_sent = False
         self._closed = False
         self._exitcode: int | None = None
-        self.sentinel = self.process.sentinel
         self.pid = self.process.pid
+        self._child = start.start_method != "forkserver"  # forkserver workers are the fork server's children
+        self._pidfd = _open_pidfd(self.pid)
+        self.sentinel = self._pidfd if self._pidfd is not None else self.process.sentinel
 
     def send(self, messages: Sequence[Message]) -> None:
         self.outbox.put(messages)
@@ -133,13 +147,40 @@ class ProcessWorker(Worker):
         return self._reader.read()
 
     def exitcode(self) -> int | None:
-        return self._exitcode if self._closed else self.process.exitcode
+        if self._closed:
+            return self._exitcode
+        code = self.process.exitcode
+        if code is None and self._pidfd is not None and _readable(self._pidfd, 0):
+            # It has exited; the status follows at once from waitpid (a child),
+            # or shortly from the fork server (forkserver).
+            code = self._status_after_exit(_STATUS_SECONDS)
+        return code
+
+    def _status_after_exit(self, seconds: float) -> int | None:
+        if not self._child:
+            self.process.join(seconds)  # waits on the fork server's report, which no grandchild holds
+            return self.process.exitcode
+        deadline = time.monotonic() + seconds
+        code = self.process.exitcode  # waitpid(WNOHANG): reaps it
+        while code is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+            code = self.process.exitcode
+        return code
+
+    def _await_exit(self, seconds: float) -> None:
+        """Wait at most ``seconds`` for the process to exit, never on a descriptor a grandchild may hold."""
+        if self._pidfd is None:
+            self.process.join(seconds)
+            return
+        started = time.monotonic()
+        if _readable(self._pidfd, seconds):
+            self._status_after_exit(max(0.0, seconds - (time.monotonic() - started)) + 0.1)
 
     def kill(self) -> None:
         if self._closed:
-            return
+            return  # killed already (a second clean-up after Ctrl-C)
         self.process.kill()
-        self.process.join(5)
+        self._await_exit(5)
         self._close()
 
     def announce_stop(self) -> None:
@@ -151,14 +192,16 @@ class ProcessWorker(Worker):
                 pass
 
     def stop(self, grace: float) -> None:
+        if self._closed:
+            return
         self.announce_stop()
         if self.outbox.pending or self.conn.closed:  # a Stop that cannot be written now: nothing to wait for
             self.kill()
             return
-        self.process.join(grace)
+        self._await_exit(grace)
         if self.process.exitcode is None:
             self.process.kill()
-            self.process.join(5)
+            self._await_exit(5)
         self._close()
 
     def _close(self) -> None:
@@ -173,6 +216,30 @@ class ProcessWorker(Worker):
         self._exitcode = self.process.exitcode
         if self._exitcode is not None:
             self.process.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+#: How long a worker whose pidfd says it exited may take to report its status.
+_STATUS_SECONDS = 2.0
+
+
+def _open_pidfd(pid: int | None) -> int | None:
+    """A descriptor that becomes readable when ``pid`` exits; ``None`` where there is none."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None or pid is None:
+        return None
+    try:
+        return pidfd_open(pid)
+    except OSError:  # an old kernel (ENOSYS), a sandbox (EPERM), or already reaped (ESRCH): the sentinel will do
+        return None
+
+
+def _readable(fd: int, seconds: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(seconds * 1000))))
 
 
 class ProcessBackend(Backend):
