@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import json
 import multiprocessing
-from dataclasses import dataclass
-from typing import Any, Callable
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -95,7 +101,92 @@ BACKEND_CASES = _cases()
 
 @pytest.fixture(params=BACKEND_CASES, ids=str)
 def backend(request: pytest.FixtureRequest) -> BackendCase:
+    if request.param.name == "dask":
+        # The registered name finds its cluster through PICKMAP_DASK_ADDRESS: point it at the fixture's.
+        cluster = request.getfixturevalue("dask_cluster")
+        request.getfixturevalue("monkeypatch").setenv("PICKMAP_DASK_ADDRESS", cluster.address)
+        cluster.wait_for_workers()
     return request.param
+
+
+# --------------------------------------------------------------------------- a real dask cluster
+TESTS = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(TESTS), "src")
+DASK_WORKERS = 2
+
+
+@dataclass
+class DaskCluster:
+    """A ``dask scheduler`` and two ``dask worker --nthreads 1`` processes on 127.0.0.1."""
+
+    address: str
+    client: Any
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def wait_for_workers(self, count: int = DASK_WORKERS) -> None:
+        """Both workers connected (a killed one is restarted by its nanny)."""
+        self.client.wait_for_workers(count, timeout=60)
+
+    def worker_pids(self) -> set[int]:
+        self.wait_for_workers()
+        return set(self.client.run(os.getpid).values())
+
+
+def _start(args: list[str], log: Any) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, SRC, os.environ.get("PYTHONPATH", "")]))
+    env["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = "1"  # one retry: KilledWorker after two deaths
+    # Its own session (process group), so teardown kills nannies and their workers together.
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+    )
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for process in processes:
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                pass
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskCluster]:
+    distributed = pytest.importorskip("distributed")
+    folder = tmp_path_factory.mktemp("dask")
+    scheduler_file = folder / "scheduler.json"
+    log = open(folder / "cluster.log", "wb")
+    processes = [_start(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                         "--scheduler-file", str(scheduler_file)], log)]  # fmt: skip
+    client = None
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+            assert processes[0].poll() is None, (folder / "cluster.log").read_text()
+            assert time.monotonic() < deadline, "the dask scheduler did not start within 60 s"
+            time.sleep(0.05)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for _ in range(DASK_WORKERS):
+            # --death-timeout: a worker whose scheduler is gone exits on its own.
+            processes.append(_start(["distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard",
+                                     "--host", "127.0.0.1", "--death-timeout", "30"], log))  # fmt: skip
+        client = distributed.Client(address, timeout=30, set_as_default=False)
+        cluster = DaskCluster(address, client, processes)
+        cluster.wait_for_workers()
+        yield cluster
+    finally:
+        from pickmap.backends.dask import close_owned
+
+        close_owned()  # pickmap's own clients, before their scheduler goes
+        if client is not None:
+            client.close()
+        _stop(processes)
+        log.close()
 
 
 @pytest.fixture
@@ -118,3 +209,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for made in _MADE.values():
         made.shutdown(wait=True)
     _MADE.clear()
+
+
+def _uses_dask(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    case = callspec.params.get("backend") if callspec is not None else None
+    return "dask" in item.nodeid.split("::")[0] or getattr(case, "name", None) == "dask"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Importing distributed installs tblib's copyreg reducers for every exception
+    # class, process-wide, which changes how exceptions pickle for pickmap and
+    # multiprocessing alike. The tests that need it run last, so every other test
+    # sees the standard library's pickling.
+    items.sort(key=_uses_dask)

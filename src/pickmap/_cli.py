@@ -304,8 +304,17 @@ def check_backend(name: str, installed: Sequence[str]) -> Check:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         fix = f"check the register_backend({name!r}, ...) call, or reinstall pickmap for a built-in backend"
         return Check(BROKEN, f"backend {name}: cannot be loaded ({type(exc).__name__}: {first_line})", fix)
+    try:
+        runs_on = backend.describe()  # a cluster's address and size: this connects, within its timeout
+        workers = backend.default_workers()
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        fix = "fix or unset the setting the message names"
+        return Check(BROKEN, f"backend {name}: cannot reach its workers ({type(exc).__name__}: {first_line})", fix)
     process_package = getattr(backend, "process_package", "multiprocessing")
-    if backend.processes and not backend.sticky:
+    if runs_on:
+        runs_in = runs_on
+    elif backend.processes and not backend.sticky:
         runs_in = "the processes of a ProcessPoolExecutor it owns"
     elif backend.processes:
         runs_in = f"processes via {process_package}"
@@ -320,7 +329,6 @@ def check_backend(name: str, installed: Sequence[str]) -> Check:
         carries = f"serializer {backend.serializer} ({', '.join(f'{p} {_version(p)}' for p in packages)})"
     else:
         carries = f"serializer {backend.serializer} (standard library, pickle protocol {pickle.HIGHEST_PROTOCOL})"
-    workers = backend.default_workers()
     if backend.max_workers is not None:
         workers = min(workers, backend.max_workers)
     details = (

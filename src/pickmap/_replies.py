@@ -136,8 +136,8 @@ def lost_error(call: Call, chunk: Chunk, lost: Lost) -> WorkerCrashedError:
     where = describe_indices(chunk.start, chunk.count)
     return WorkerCrashedError(
         f"the {call.backend.name!r} backend lost {where} of {call.label}: {lost.reason}. "
-        f"A process of the executor died while it ran (a crash, a signal, the OOM killer), or the "
-        f"executor was shut down; the executor is its owner's to replace",
+        f"The process that ran it died (a crash, a signal, the OOM killer), or its executor or "
+        f"cluster was shut down or gave up on it; an executor you passed in is yours to replace",
         exitcode=lost.exitcode,
         indices=list(range(chunk.start, chunk.start + chunk.count)),
     )

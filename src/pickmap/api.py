@@ -127,7 +127,8 @@ def _prepare(
     size = resolve_workers(workers, chosen.default_workers())
     if chosen.max_workers is not None:
         size = min(size, chosen.max_workers)
-    plan = Plan(chosen.name, source, size, method if chosen.start_methods else None, tuple(verdicts))
+    runs_on = chosen.describe() if explaining else None
+    plan = Plan(chosen.name, source, size, method if chosen.start_methods else None, tuple(verdicts), runs_on)
     if not sample:
         return _Prepared(plan, None, None, idle_timeout)
 

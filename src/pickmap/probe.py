@@ -51,6 +51,7 @@ class Plan(NamedTuple):
     workers: int
     start_method: str | None
     verdicts: tuple[Verdict, ...] = ()
+    runs_on: str | None = None  # Backend.describe(): a cluster's address and size
 
     def verdict(self, backend: str) -> Verdict | None:
         return next((v for v in self.verdicts if v.backend == backend), None)
@@ -59,6 +60,8 @@ class Plan(NamedTuple):
         method = f", start method {self.start_method}" if self.start_method else ""
         workers = f"{self.workers} worker{'s' if self.workers != 1 else ''}"
         lines = [f"backend: {self.backend} (from {self.source}; {workers}{method})"]
+        if self.runs_on:
+            lines.append(f"  runs on {self.runs_on}")
         chosen = self.verdict(self.backend)
         if chosen is not None and not chosen.ok:
             lines.append(f"  pmap would raise SerializationError: {self.backend} cannot carry this call")

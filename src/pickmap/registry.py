@@ -59,6 +59,7 @@ _REGISTRY: dict[str, _Entry] = {
     "thread": _Entry("pickmap.backends.thread:ThreadBackend"),
     "ppe": _Entry("pickmap.backends.ppe:PPEBackend", "pip install cloudpickle", ("cloudpickle",)),
     "serial": _Entry("pickmap.backends.serial:SerialBackend"),
+    "dask": _Entry("pickmap.backends.dask:DaskBackend", 'pip install "pickmap[dask]"', ("distributed",)),
 }
 _ALIASES = {"pathos": "dill"}
 _INSTANCES: dict[str, Backend] = {}
@@ -169,6 +170,10 @@ def select_backend(argument: object) -> tuple[str | Backend | None, str]:
     """
     if isinstance(argument, Backend):
         return argument, "argument"
+    if type(argument).__module__.startswith("distributed") and type(argument).__name__ == "Client":
+        from .backends.dask import DaskBackend  # a dask client: the call's setup travels once, not per task
+
+        return DaskBackend(client=argument), "argument"
     if argument is not None and not isinstance(argument, str) and callable(getattr(argument, "submit", None)):
         from .backends.executor import ExecutorBackend
 

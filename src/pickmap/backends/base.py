@@ -134,6 +134,11 @@ class Backend(abc.ABC):
         and the worker gets a Setup.
         """
 
+    def describe(self) -> str | None:
+        """Where the work would run, in one line, when that is more than this machine
+        (a cluster's address and size), for ``explain`` and ``doctor``; ``None`` otherwise."""
+        return None
+
     def shutdown(self) -> None:
         """Release what the backend itself owns (``pickmap.shutdown()``); workers are the pools' business."""
 
