@@ -35,7 +35,6 @@ from .errors import (
     SerializationError,
     TaskTimeoutError,
     UnknownBackendError,
-    WorkerCrashedError,
     WorkerError,
 )
 from .pool import shutdown
@@ -51,6 +50,10 @@ def __getattr__(name: str) -> object:
         from .executor import Executor
 
         return Executor
+    if name == "WorkerCrashedError":  # made on first use, see errors.py
+        from . import errors
+
+        return errors.WorkerCrashedError
     raise AttributeError(f"module 'pickmap' has no attribute {name!r}")
 
 __all__ = (

@@ -16,7 +16,8 @@ import time
 from typing import TYPE_CHECKING
 
 from . import _shm
-from .errors import TaskTimeoutError, WorkerCrashedError
+from . import errors
+from .errors import TaskTimeoutError
 from .pool import Slot, WorkerPool
 from ._replies import describe_indices
 
@@ -49,7 +50,7 @@ def item_started(slot: Slot) -> tuple[int, float]:
     return -2, 0.0
 
 
-def on_death(pool: WorkerPool, call: Call, slot: Slot) -> WorkerCrashedError | None:
+def on_death(pool: WorkerPool, call: Call, slot: Slot) -> errors.WorkerCrashedError | None:
     """Remove a dead worker; the error for the caller if it held this call's work."""
     code = slot.worker.exitcode()
     pid = slot.worker.pid
@@ -79,7 +80,7 @@ def on_death(pool: WorkerPool, call: Call, slot: Slot) -> WorkerCrashedError | N
             indices = list(range(head.start, head.start + head.count))
     pool.remove(slot, kill=True)
     pool.broken = True
-    return WorkerCrashedError(
+    return errors.WorkerCrashedError(
         f"a {call.backend.name!r} worker (pid {pid}) exited with {_describe_exit(code)} {where}; {advice}",
         exitcode=code,
         indices=indices,

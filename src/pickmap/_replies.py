@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import _wire
 from ._protocol import Lost, Raised, SetupFailed, Unsendable
-from .errors import RemoteTraceback, SerializationError, WorkerCrashedError, WorkerError
+from . import errors
+from .errors import RemoteTraceback, SerializationError, WorkerError
 from .serializers import copies_locks
 
 if TYPE_CHECKING:
@@ -132,9 +133,9 @@ def unsendable_item(call: Call, start: int, items: list[Any]) -> SerializationEr
     return SerializationError(f"a chunk starting at item {start} cannot be serialized", backend=backend)
 
 
-def lost_error(call: Call, chunk: Chunk, lost: Lost) -> WorkerCrashedError:
+def lost_error(call: Call, chunk: Chunk, lost: Lost) -> errors.WorkerCrashedError:
     where = describe_indices(chunk.start, chunk.count)
-    return WorkerCrashedError(
+    return errors.WorkerCrashedError(
         f"the {call.backend.name!r} backend lost {where} of {call.label}: {lost.reason}. "
         f"The process that ran it died (a crash, a signal, the OOM killer), or its executor or "
         f"cluster was shut down or gave up on it; an executor you passed in is yours to replace",

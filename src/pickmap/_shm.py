@@ -23,7 +23,6 @@ import itertools
 import mmap
 import os
 import sys
-import tempfile
 import threading
 from typing import Any, Iterable, NamedTuple
 
@@ -52,6 +51,8 @@ def segment_dirs() -> list[str]:
     """Candidate directories, best first: tmpfs, then the temp directory."""
     global _dirs
     if _dirs is None:
+        import tempfile  # only when shared memory is first needed
+
         found = [d for d in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(d) and os.access(d, os.W_OK)]
         _dirs = list(dict.fromkeys(found))
         if os.path.isdir("/dev/shm") and "/dev/shm" not in _dirs:

@@ -52,7 +52,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from typing import Any, Callable, Sequence
 
 from . import _shm, _wire
@@ -171,6 +170,8 @@ def _safe_text(render: Callable[[], str], exc: BaseException) -> str:
 
 def describe_exception(exc: BaseException) -> tuple[str, str]:
     """``(repr, formatted traceback)`` — what survives even if the exception cannot."""
+    import traceback  # only when something failed
+
     return (
         _safe_text(lambda: repr(exc), exc),
         _safe_text(lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), exc),

@@ -33,7 +33,7 @@ from . import _deaths, _replies, _shipping, _shm, _waiting, _wire
 from ._protocol import CALLER_TOKEN, Bye, CallSpec, Job, Lost, Message, Raised, Ready, Result, Setup, SetupFailed, Task, Unsendable
 from .backends.base import Backend, Inheritance
 from .chunking import Chunker
-from .errors import WorkerCrashedError
+from . import errors
 from .pool import Slot, WorkerPool
 from .serializers import Serializer, copies_locks, get_serializer
 
@@ -180,7 +180,9 @@ class _Run:
                 if self.failure is not None:
                     # Raised after the results that arrived with it were handed over.
                     raise self.failure
-        except (KeyboardInterrupt, WorkerCrashedError):
+        except (KeyboardInterrupt, errors.PickmapError) as stopped:
+            if not isinstance(stopped, (KeyboardInterrupt, errors.WorkerCrashedError)):
+                raise
             interrupted = True
             self.pool.broken = True  # the next call starts on fresh workers
             raise

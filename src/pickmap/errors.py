@@ -24,8 +24,7 @@ original type, with the worker's traceback attached as ``__cause__`` (a
 from __future__ import annotations
 
 import pickle
-from concurrent.futures import BrokenExecutor
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 __all__ = (
     "PickmapError",
@@ -108,17 +107,40 @@ class SerializationError(PickmapError, pickle.PicklingError):
         super().__init__(message)
 
 
-class WorkerCrashedError(PickmapError, BrokenExecutor):
-    """A worker process died while it held work (signal, ``os._exit``, segfault).
+def _crash_error_init(self: Any, message: str, *, exitcode: int | None, indices: Sequence[int]) -> None:
+    self.exitcode = exitcode
+    self.indices = tuple(indices)
+    PickmapError.__init__(self, message)
+
+
+_CRASH_DOC = """A worker process died while it held work (signal, ``os._exit``, segfault).
 
     ``exitcode`` is the process's exit code (negative: killed by that signal),
     ``indices`` the input positions that were in flight on it.
     """
 
-    def __init__(self, message: str, *, exitcode: int | None, indices: Sequence[int]) -> None:
-        self.exitcode = exitcode
-        self.indices = tuple(indices)
-        super().__init__(message)
+if TYPE_CHECKING:
+    from concurrent.futures import BrokenExecutor
+
+    class WorkerCrashedError(PickmapError, BrokenExecutor):
+        def __init__(self, message: str, *, exitcode: int | None, indices: Sequence[int]) -> None: ...
+
+else:
+
+    def __getattr__(name: str) -> Any:
+        # Made on first use: its base, BrokenExecutor, comes with concurrent.futures,
+        # which imports logging (17 ms here) that a plain pmap never needs.
+        if name != "WorkerCrashedError":
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from concurrent.futures import BrokenExecutor
+
+        made = type(
+            "WorkerCrashedError",
+            (PickmapError, BrokenExecutor),
+            {"__init__": _crash_error_init, "__doc__": _CRASH_DOC, "__module__": __name__},
+        )
+        globals()["WorkerCrashedError"] = made
+        return made
 
 
 class TaskTimeoutError(PickmapError, TimeoutError):

@@ -53,7 +53,6 @@ import copyreg
 import functools
 import io
 import pickle
-import pickletools
 import sys
 import threading
 import types
@@ -576,6 +575,8 @@ def _names_in(data: bytes) -> _Names:
     found = _Names([], [])
     memo: dict[int, Any] = {}
     pushed: list[Any] = []  # recent pushes: strings and the importer marker kept, anything else None
+    import pickletools  # only when a pickle mentions __main__ or a lock builder
+
     for opcode, arg, _pos in pickletools.genops(data):
         op = opcode.name
         if op in _STRING_OPS:
