@@ -96,6 +96,10 @@ def _cases() -> list[object]:
     return cases
 
 
+# A backend written in one file of its own (tests/onefile_backend.py), registered the
+# way a user would: the conformance suite runs on it with no change to src/.
+pickmap.register_backend("test-mp-pool", "onefile_backend:PoolBackend")
+
 BACKEND_CASES = _cases()
 
 

@@ -151,8 +151,8 @@ def get_backend(name: str) -> Backend:
         backend = factory()
         if not isinstance(backend, Backend):
             raise TypeError(f"the factory registered for {name!r} returned {backend!r}, not a pickmap Backend")
-        if backend.name != name:
-            backend.name = name  # type: ignore[misc] # pools and messages use the registered name
+        if getattr(backend, "name", None) != name:
+            backend.name = name  # pools and messages use the registered name; a class need not repeat it
         _INSTANCES[name] = backend
         return backend
 
