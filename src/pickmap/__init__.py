@@ -27,6 +27,7 @@ in reading order:
 
 from __future__ import annotations
 
+from ._worker import run_job
 from .api import explain, imap, pmap
 from .errors import (
     BackendUnavailableError,
@@ -60,6 +61,7 @@ __all__ = (
     "pmap",
     "imap",
     "explain",
+    "run_job",
     "Executor",
     "available_backends",
     "register_backend",
