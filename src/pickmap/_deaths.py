@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _shm
 from . import errors
@@ -24,7 +24,7 @@ from ._replies import describe_indices
 if TYPE_CHECKING:
     from .engine import Call
 
-__all__ = ("item_started", "on_death", "check_timeouts")
+__all__ = ("Attempts", "item_started", "on_death", "check_timeouts")
 
 
 def _describe_exit(code: int | None) -> str:
@@ -50,41 +50,73 @@ def item_started(slot: Slot) -> tuple[int, float]:
     return -2, 0.0
 
 
-def on_death(pool: WorkerPool, call: Call, slot: Slot) -> errors.WorkerCrashedError | None:
-    """Remove a dead worker; the error for the caller if it held this call's work."""
+class Attempts:
+    """``retries=``: each chunk's lost attempts (exit statuses), and whether it may run again.
+
+    Only lost workers are retried (a crash, a signal, the OOM killer, a lost
+    executor task), never an exception raised by the function, and never a
+    timeout.
+    """
+
+    def __init__(self, retries: int) -> None:
+        self.retries = retries
+        self._statuses: dict[int, list[str]] = {}
+
+    def again(self, seq: int, status: str) -> bool:
+        statuses = self._statuses.setdefault(seq, [])
+        statuses.append(status)
+        return len(statuses) <= self.retries
+
+    def history(self, seq: int) -> str:
+        statuses = self._statuses.get(seq, [])
+        if len(statuses) <= 1:
+            return ""
+        return f" (every attempt: {'; '.join(statuses)})"
+
+
+def on_death(
+    pool: WorkerPool, call: Call, slot: Slot, attempts: Attempts
+) -> tuple[errors.WorkerCrashedError | None, list[Any]]:
+    """Remove a dead worker: the error for the caller if it held this call's work,
+    and the chunks to run again on another worker (``retries=``)."""
     code = slot.worker.exitcode()
     pid = slot.worker.pid
     if pid is not None:
         _shm.unlink_writer(os.getpid(), f"w{pid}")  # result segments it had no time to send
     if slot.said_bye or not slot.queued:
         pool.remove(slot, kill=True)
-        return None
+        return None, []
     index, started = item_started(slot)
     timed = call.timed and slot.worker.progress is not None and started > 0
+    head = slot.queued[0]
+    if slot.ready and attempts.again(head.seq, f"{_describe_exit(code)} (pid {pid})"):
+        again = list(slot.queued)  # the head ran and is retried; the rest never started
+        slot.queued.clear()
+        pool.remove(slot, kill=True)
+        return None, again
     if not slot.ready:
         where, indices = "while starting, before it ran anything", []
         advice = (
-            "Under spawn/forkserver a worker re-imports your main module: keep the script's entry point "
-            'under `if __name__ == "__main__":`, and run it from a file (a script read from stdin '
-            "cannot be re-imported); the worker's own error is printed above"
+            "its interpreter failed before pickmap's code ran (a broken sitecustomize or .pth file, "
+            "a missing module, the OOM killer); the worker's own error is printed above"
         )
     else:
-        advice = "the pool was discarded and the next call starts fresh workers"
+        advice = "the pool was discarded and the next call starts fresh workers" + attempts.history(head.seq)
         if timed and index < 0:
             where, indices = f"while loading {call.label}", []
         elif timed:
             where, indices = f"while running item {index} of {call.label}", [index]
         else:
-            head = slot.queued[0]
             where = f"while running {describe_indices(head.start, head.count)} of {call.label}"
             indices = list(range(head.start, head.start + head.count))
     pool.remove(slot, kill=True)
     pool.broken = True
-    return errors.WorkerCrashedError(
+    error = errors.WorkerCrashedError(
         f"a {call.backend.name!r} worker (pid {pid}) exited with {_describe_exit(code)} {where}; {advice}",
         exitcode=code,
         indices=indices,
     )
+    return error, []
 
 
 def check_timeouts(pool: WorkerPool, call: Call) -> TaskTimeoutError | None:

@@ -133,10 +133,10 @@ def unsendable_item(call: Call, start: int, items: list[Any]) -> SerializationEr
     return SerializationError(f"a chunk starting at item {start} cannot be serialized", backend=backend)
 
 
-def lost_error(call: Call, chunk: Chunk, lost: Lost) -> errors.WorkerCrashedError:
+def lost_error(call: Call, chunk: Chunk, lost: Lost, history: str = "") -> errors.WorkerCrashedError:
     where = describe_indices(chunk.start, chunk.count)
     return errors.WorkerCrashedError(
-        f"the {call.backend.name!r} backend lost {where} of {call.label}: {lost.reason}. "
+        f"the {call.backend.name!r} backend lost {where} of {call.label}: {lost.reason}{history}. "
         f"The process that ran it died (a crash, a signal, the OOM killer), or its executor or "
         f"cluster was shut down or gave up on it; an executor you passed in is yours to replace",
         exitcode=lost.exitcode,

@@ -33,6 +33,7 @@ ENV_WORKERS = "PICKMAP_WORKERS"
 ENV_START_METHOD = "PICKMAP_START_METHOD"
 ENV_IDLE_TIMEOUT = "PICKMAP_IDLE_TIMEOUT"
 ENV_INNER_THREADS = "PICKMAP_INNER_THREADS"
+ENV_MAX_TASKS = "PICKMAP_MAX_TASKS_PER_WORKER"
 START_METHODS = ("fork", "spawn", "forkserver")
 DEFAULT_IDLE_TIMEOUT = 300.0
 
@@ -151,6 +152,26 @@ def resolve_inner_threads(argument: int | None, workers: int) -> int:
         value = 0 if raw == "off" else (int(raw) if raw.isdigit() else raw)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{source} must be a whole number >= 0 (0 or 'off': leave BLAS pools alone), not {value!r}")
+    return value
+
+
+def resolve_max_tasks(argument: int | None) -> int | None:
+    """Items a worker process runs before it is replaced (None: no limit)."""
+    if argument is not None:
+        return check_positive_int("max_tasks_per_worker", argument)
+    raw = os.environ.get(ENV_MAX_TASKS, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"the environment variable {ENV_MAX_TASKS} must be a whole number >= 1, not {raw!r}")
+    return int(raw)
+
+
+def check_retries(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"retries must be a whole number >= 0, not {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"retries must be >= 0, not {value}")
     return value
 
 

@@ -17,7 +17,9 @@ from ._settings import (
     check_positive_int,
     check_timeout,
     resolve_idle_timeout,
+    check_retries,
     resolve_inner_threads,
+    resolve_max_tasks,
     resolve_start_method,
     resolve_workers,
 )
@@ -89,9 +91,13 @@ def _prepare(
     start_method: str | None,
     return_exceptions: bool,
     inner_threads: int | None = None,
+    max_tasks_per_worker: int | None = None,
+    retries: int = 0,
     explaining: bool = False,
 ) -> _Prepared:
     iterators, timeout = _check_arguments(api, func, iterables, workers, chunksize, timeout, initializer, initargs)
+    retries = check_retries(retries)
+    max_tasks = resolve_max_tasks(max_tasks_per_worker)
     method = resolve_start_method(start_method)
     idle_timeout = resolve_idle_timeout()
     name, source = select_backend(backend)
@@ -135,11 +141,11 @@ def _prepare(
     call = Call(
         func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout,
         forced=source in ("argument", "environment"), setup_objects=setup,
-        inner_threads=resolve_inner_threads(inner_threads, size),
+        inner_threads=resolve_inner_threads(inner_threads, size), max_tasks=max_tasks, retries=retries,
     )  # fmt: skip
     if call.timed and not chosen.reports_progress:
         chunksize = 1  # no per-item progress: each task's clock starts when its one item is handed over
-    chunker = Chunker(items, input_length(iterables), size, chunksize, func)
+    chunker = Chunker(items, input_length(iterables), size, chunksize, func, largest=max_tasks)
     return _Prepared(plan, call, chunker, idle_timeout)
 
 
@@ -188,6 +194,8 @@ def pmap(
     start_method: str | None = None,
     return_exceptions: bool = False,
     inner_threads: int | None = None,
+    max_tasks_per_worker: int | None = None,
+    retries: int = 0,
 ) -> list[Any]:
     """``list(map(func, *iterables))``, in parallel, in input order.
 
@@ -207,6 +215,14 @@ def pmap(
     per worker process (default ``PICKMAP_INNER_THREADS`` or usable CPUs //
     workers; 0 leaves the pools alone).
 
+    ``max_tasks_per_worker`` (or ``PICKMAP_MAX_TASKS_PER_WORKER``): a worker
+    process is replaced after running that many items, for leaky C
+    extensions. ``retries``: the items of a worker that died (a crash, the
+    OOM killer, a lost executor task) run again on another worker, up to that
+    many times, then ``WorkerCrashedError`` names them and every attempt's
+    exit status; an exception raised by ``func`` is never retried, nor a
+    timeout.
+
     ``backend`` may also be a :class:`~pickmap.backends.base.Backend` instance
     (options for a backend, e.g. a dask client) or any
     ``concurrent.futures.Executor`` (``ProcessPoolExecutor``, loky's,
@@ -215,7 +231,7 @@ def pmap(
     prepared = _prepare(
         "pmap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
         initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
-        inner_threads=inner_threads,
+        inner_threads=inner_threads, max_tasks_per_worker=max_tasks_per_worker, retries=retries,
     )  # fmt: skip
     results: list[Any] = []
     for chunk_results in _run(prepared, ordered=True, eager_errors=True, bounded=False):
@@ -236,6 +252,8 @@ def imap(
     start_method: str | None = None,
     return_exceptions: bool = False,
     inner_threads: int | None = None,
+    max_tasks_per_worker: int | None = None,
+    retries: int = 0,
 ) -> Iterator[Any]:
     """Like :func:`pmap`, but lazy: results stream as they complete.
 
@@ -250,7 +268,7 @@ def imap(
     prepared = _prepare(
         "imap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
         initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
-        inner_threads=inner_threads,
+        inner_threads=inner_threads, max_tasks_per_worker=max_tasks_per_worker, retries=retries,
     )  # fmt: skip
     return _stream(_run(prepared, ordered=ordered, eager_errors=not ordered, bounded=True))
 

@@ -54,9 +54,17 @@ def _remembered(func: Any) -> float | None:
 
 class Chunker:
     def __init__(
-        self, items: Iterator[Any], length: int | None, workers: int, chunksize: int | None, func: Any = None
+        self,
+        items: Iterator[Any],
+        length: int | None,
+        workers: int,
+        chunksize: int | None,
+        func: Any = None,
+        *,
+        largest: int | None = None,
     ) -> None:
         self._items = items
+        self._largest = largest  # max_tasks_per_worker: a chunk never outlives its worker
         self._length = length
         self._workers = workers
         self._next_start = 0
@@ -117,7 +125,8 @@ class Chunker:
         return self._length - self._next_start > GUIDED_SHARES * self._workers * size
 
     def _next_size(self) -> int:
-        return self.size if self._fixed or self._length is None else self._guided_size()
+        size = self.size if self._fixed or self._length is None else self._guided_size()
+        return size if self._largest is None else min(size, self._largest)
 
     def _guided_size(self) -> int:
         assert self._length is not None

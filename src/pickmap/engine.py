@@ -63,11 +63,15 @@ class Call:
         forced: bool = False,
         setup_objects: Any = None,
         inner_threads: int = 0,
+        max_tasks: int | None = None,
+        retries: int = 0,
     ) -> None:
         self.func = func
         self.forced = forced  # the backend was named by the caller, not chosen by the probe
         self.backend = backend
         self.timeout = timeout
+        self.max_tasks = max_tasks  # items a worker runs before it is replaced
+        self.retries = retries  # times a chunk whose worker died is run again
         self.setup_objects = setup_objects  # (initializer, initargs), for fork inheritance
         self.serializer: Serializer = get_serializer(backend.serializer)
         self.timed = timeout is not None and backend.enforces_timeout
@@ -153,6 +157,7 @@ class _Run:
         self.source_done = False
         self.failed_seq: int | None = None  # ordered streaming: first chunk that raised
         self.failure: BaseException | None = None  # to raise once this round's results are out
+        self.attempts = _deaths.Attempts(call.retries)
 
     # ------------------------------------------------------------------ main loop
     def results(self) -> Iterator[list[Any]]:
@@ -203,7 +208,7 @@ class _Run:
             self.cap is None or len(self.inflight) + len(self.finished) < self.cap
         ):
             # Asked before a new chunk is taken, so it judges that chunk.
-            depth = None if self.chunker.wants_prefetch() else 1
+            depth = None if self.chunker.wants_prefetch() and self.call.max_tasks is None else 1
             if self.requeued:
                 chunk = self.requeued.popleft()
                 if self.failed_seq is not None and chunk.seq > self.failed_seq:
@@ -215,11 +220,23 @@ class _Run:
                 if chunk is None:
                     self.source_done = True
                     return
-            slot = self.pool.pick(self.call.id, self.call.inheritance(), depth=depth)
+            slot = self._pick(chunk, depth)
             if slot is None:
                 self.requeued.appendleft(chunk)
                 return
             self._send(slot, chunk)
+
+    def _pick(self, chunk: Chunk, depth: int | None) -> Slot | None:
+        """A worker for ``chunk``; with ``max_tasks_per_worker``, one with that many items of life left."""
+        while True:
+            slot = self.pool.pick(self.call.id, self.call.inheritance(), depth=depth)
+            limit = self.call.max_tasks
+            if slot is None or limit is None:
+                return slot
+            if slot.items_run + sum(c.count for c in slot.queued) + chunk.count <= limit:
+                return slot
+            slot.retiring = True  # too little life left for this chunk: replaced by a fresh worker
+            self.pool.hand_back(slot)
 
     def _next_chunk(self) -> Chunk | None:
         got = self.chunker.next_chunk()
@@ -277,7 +294,9 @@ class _Run:
             maybe_dead = slot in wake.deaths if slot.worker.sentinel is not None else wake.timed_out
             if maybe_dead and slot in self.pool.slots and slot.worker.exitcode() is not None:
                 self._drain(slot, out)  # whatever it wrote before dying (results, Bye) is still in the pipe
-                self._fail(_deaths.on_death(self.pool, self.call, slot))
+                error, again = _deaths.on_death(self.pool, self.call, slot, self.attempts)
+                self._run_again(again)
+                self._fail(error)
         self._fail(_deaths.check_timeouts(self.pool, self.call))
         return out
 
@@ -291,6 +310,12 @@ class _Run:
             if results is not None:
                 out.append(results)
 
+    def _run_again(self, chunks: list[Chunk]) -> None:
+        """Chunks of a lost worker go back to the front of the line (``retries=``)."""
+        for chunk in chunks:
+            self.inflight.pop(chunk.seq, None)
+        self.requeued.extendleft(reversed(chunks))
+
     # ------------------------------------------------------------------ replies
     def _take(self, slot: Slot, seq: int) -> Chunk:
         """The chunk a reply answers, off its worker's queue."""
@@ -298,6 +323,9 @@ class _Run:
         slot.queued.remove(chunk)
         slot.handed_at = time.monotonic()
         self.call.item_segments.pop(seq, None)
+        slot.items_run += chunk.count
+        if self.call.max_tasks is not None and slot.items_run >= self.call.max_tasks:
+            slot.retiring = True  # no more chunks; replaced once its queue is empty
         self.pool.hand_back(slot)  # if its queue is empty: another call may take it
         return chunk
 
@@ -340,7 +368,11 @@ class _Run:
             self._fail(_replies.unsendable_result(call, message))
         elif isinstance(message, Lost):
             chunk = self._take(slot, message.seq)
-            self._fail(_replies.lost_error(call, chunk, message))
+            if self.attempts.again(chunk.seq, message.reason):
+                self._run_again([chunk])
+                self.pool.remove(slot, kill=True)  # a fresh worker (an owned executor is remade)
+            else:
+                self._fail(_replies.lost_error(call, chunk, message, self.attempts.history(chunk.seq)))
         else:  # pragma: no cover
             raise RuntimeError(f"pickmap: unexpected reply {message!r} from a worker")
         return None

@@ -41,7 +41,9 @@ _GRACE = 2.0  # seconds a stopping worker gets before it is killed
 class Slot:
     """A worker plus the engine's bookkeeping about it."""
 
-    __slots__ = ("worker", "queued", "call_id", "owner", "tainted", "said_bye", "eof", "ready", "handed_at")
+    __slots__ = (
+        "worker", "queued", "call_id", "owner", "tainted", "said_bye", "eof", "ready", "handed_at", "items_run", "retiring",
+    )  # fmt: skip
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -53,10 +55,12 @@ class Slot:
         self.eof = False  # its channel closed: dead or dying
         self.ready = False  # a process worker said Ready: it started
         self.handed_at = 0.0  # when its oldest queued chunk was handed over (for timeouts without progress)
+        self.items_run = 0  # over its whole life (max_tasks_per_worker)
+        self.retiring = False  # has run its share of items: gets no more chunks
 
     @property
     def usable(self) -> bool:
-        return not (self.said_bye or self.eof)
+        return not (self.said_bye or self.eof or self.retiring)
 
 
 class WorkerPool:
@@ -152,6 +156,9 @@ class WorkerPool:
 
     def hand_back(self, slot: Slot) -> None:
         """The call has nothing queued on this worker: free it, and wake the call waiting longest."""
+        if slot.retiring and not slot.queued:
+            self.remove(slot, kill=False)  # its lifespan is over: replaced on demand
+            return
         with self.lock:
             if slot.queued or slot.owner is None or slot.tainted:
                 return  # a worker that ran this call's initializer never serves another call
@@ -196,7 +203,7 @@ class WorkerPool:
         for slot in self.held_by(call_id):
             if interrupted or slot.queued or slot.said_bye or slot.eof:
                 self.remove(slot, kill=True)
-            elif slot.tainted:
+            elif slot.tainted or slot.retiring:
                 self.remove(slot, kill=False)
             slot.queued.clear()
             with self.lock:

@@ -18,6 +18,7 @@ import atexit
 import concurrent.futures
 import multiprocessing
 import threading
+from typing import Any
 from ._futures import FuturesWorker
 from .base import Backend, Worker, WorkerStart
 
@@ -59,9 +60,15 @@ atexit.register(shutdown_executors)
 
 
 class _OwnedExecutorWorker(FuturesWorker):
-    def __init__(self, executor: concurrent.futures.ProcessPoolExecutor) -> None:
-        super().__init__(executor.submit, blobs=True, shares_files=True)
-        self._executor = executor
+    def __init__(self, start_method: str | None, workers: int) -> None:
+        # The executor is looked up at each submit: one broken by a death is replaced.
+        super().__init__(self._submit_now, blobs=True, shares_files=True)
+        self._key = (start_method, workers)
+        self._executor = _executor(*self._key)
+
+    def _submit_now(self, fn: Any, arg: Any) -> concurrent.futures.Future[Any]:
+        self._executor = _executor(*self._key)
+        return self._executor.submit(fn, arg)
 
     def kill(self) -> None:
         # pickmap owns this executor: a task that must stop takes the executor with it.
@@ -83,4 +90,4 @@ class PPEBackend(Backend):
         shutdown_executors()
 
     def start_worker(self, start: WorkerStart) -> Worker:
-        return _OwnedExecutorWorker(_executor(start.start_method, start.workers))
+        return _OwnedExecutorWorker(start.start_method, start.workers)
