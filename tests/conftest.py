@@ -206,6 +206,7 @@ def _no_forced_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PICKMAP_BACKEND", raising=False)
     monkeypatch.delenv("PICKMAP_WORKERS", raising=False)
     monkeypatch.delenv("PICKMAP_START_METHOD", raising=False)
+    monkeypatch.delenv("PICKMAP_PROGRESS", raising=False)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

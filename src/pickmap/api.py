@@ -23,6 +23,7 @@ from ._settings import (
     resolve_start_method,
     resolve_workers,
 )
+from ._progress import resolve_progress
 from ._worker import in_worker
 from .backends.base import Backend
 from .chunking import Chunker, input_length
@@ -93,11 +94,13 @@ def _prepare(
     inner_threads: int | None = None,
     max_tasks_per_worker: int | None = None,
     retries: int = 0,
+    progress: Any = None,
     explaining: bool = False,
 ) -> _Prepared:
     iterators, timeout = _check_arguments(api, func, iterables, workers, chunksize, timeout, initializer, initargs)
     retries = check_retries(retries)
     max_tasks = resolve_max_tasks(max_tasks_per_worker)
+    length = input_length(iterables)
     method = resolve_start_method(start_method)
     idle_timeout = resolve_idle_timeout()
     name, source = select_backend(backend)
@@ -136,16 +139,21 @@ def _prepare(
     runs_on = chosen.describe() if explaining else None
     plan = Plan(chosen.name, source, size, method if chosen.start_methods else None, tuple(verdicts), runs_on)
     if not sample:
+        empty = None if explaining else resolve_progress(progress, 0)  # checked all the same: a bar at 0/0
+        if empty is not None:
+            empty.close()
         return _Prepared(plan, None, None, idle_timeout)
+    sink = None if explaining else resolve_progress(progress, length)
 
     call = Call(
         func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout,
         forced=source in ("argument", "environment"), setup_objects=setup,
         inner_threads=resolve_inner_threads(inner_threads, size), max_tasks=max_tasks, retries=retries,
+        progress=sink,
     )  # fmt: skip
     if call.timed and not chosen.reports_progress:
         chunksize = 1  # no per-item progress: each task's clock starts when its one item is handed over
-    chunker = Chunker(items, input_length(iterables), size, chunksize, func, largest=max_tasks)
+    chunker = Chunker(items, length, size, chunksize, func, largest=max_tasks)
     return _Prepared(plan, call, chunker, idle_timeout)
 
 
@@ -172,6 +180,8 @@ def _run(prepared: _Prepared, *, ordered: bool, eager_errors: bool, bounded: boo
         yield from execute(pool, call, chunker, ordered=ordered, eager_errors=eager_errors, bounded=bounded)
     finally:
         pools.release(pool)
+        if call.progress is not None:
+            call.progress.close()
 
 
 def _stream(chunks: Iterator[list[Any]]) -> Iterator[Any]:
@@ -196,6 +206,7 @@ def pmap(
     inner_threads: int | None = None,
     max_tasks_per_worker: int | None = None,
     retries: int = 0,
+    progress: Any = None,
 ) -> list[Any]:
     """``list(map(func, *iterables))``, in parallel, in input order.
 
@@ -223,6 +234,10 @@ def pmap(
     exit status; an exception raised by ``func`` is never retried, nor a
     timeout.
 
+    ``progress``: ``True`` (or ``PICKMAP_PROGRESS=1``) shows a tqdm bar on
+    stderr counting items; a tqdm bar of yours, or a callable receiving the
+    number of newly finished items, works too.
+
     ``backend`` may also be a :class:`~pickmap.backends.base.Backend` instance
     (options for a backend, e.g. a dask client) or any
     ``concurrent.futures.Executor`` (``ProcessPoolExecutor``, loky's,
@@ -232,6 +247,7 @@ def pmap(
         "pmap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
         initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
         inner_threads=inner_threads, max_tasks_per_worker=max_tasks_per_worker, retries=retries,
+        progress=progress,
     )  # fmt: skip
     results: list[Any] = []
     for chunk_results in _run(prepared, ordered=True, eager_errors=True, bounded=False):
@@ -254,6 +270,7 @@ def imap(
     inner_threads: int | None = None,
     max_tasks_per_worker: int | None = None,
     retries: int = 0,
+    progress: Any = None,
 ) -> Iterator[Any]:
     """Like :func:`pmap`, but lazy: results stream as they complete.
 
@@ -269,6 +286,7 @@ def imap(
         "imap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
         initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
         inner_threads=inner_threads, max_tasks_per_worker=max_tasks_per_worker, retries=retries,
+        progress=progress,
     )  # fmt: skip
     return _stream(_run(prepared, ordered=ordered, eager_errors=not ordered, bounded=True))
 

@@ -65,6 +65,7 @@ class Call:
         inner_threads: int = 0,
         max_tasks: int | None = None,
         retries: int = 0,
+        progress: Any = None,
     ) -> None:
         self.func = func
         self.forced = forced  # the backend was named by the caller, not chosen by the probe
@@ -72,6 +73,7 @@ class Call:
         self.timeout = timeout
         self.max_tasks = max_tasks  # items a worker runs before it is replaced
         self.retries = retries  # times a chunk whose worker died is run again
+        self.progress = progress  # _progress.Progress, advanced per finished chunk
         self.setup_objects = setup_objects  # (initializer, initargs), for fork inheritance
         self.serializer: Serializer = get_serializer(backend.serializer)
         self.timed = timeout is not None and backend.enforces_timeout
@@ -350,6 +352,8 @@ class _Run:
                 self._fail(_replies.unloadable_results(call, chunk, exc))
                 return None
             self.chunker.observe(chunk.count, message.seconds)
+            if call.progress is not None:
+                call.progress.advance(chunk.count)
             if not self.ordered:
                 return results
             self.finished[chunk.seq] = (results, None)
