@@ -203,3 +203,15 @@ def test_inner_threads_must_be_a_whole_number(clean_env):
     clean_env.setenv("PICKMAP_INNER_THREADS", "lots")
     with pytest.raises(ValueError, match="PICKMAP_INNER_THREADS"):
         pmap(zoo.square, [1])
+
+
+def test_a_free_threaded_interpreter_prefers_threads_and_explain_says_why(clean_env, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    plan = explain(zoo.square, [1])
+    assert plan.backend == "thread"
+    assert "GIL is disabled" in str(plan)
+    assert pmap(zoo.square, range(5)) == [0, 1, 4, 9, 16]
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: True, raising=False)
+    assert explain(zoo.square, [1]).backend == "stdlib"

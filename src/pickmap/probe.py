@@ -186,6 +186,20 @@ def _remember(func: Any, sample: Sequence[Any], backend: str) -> None:
         pass
 
 
+FREE_THREADED_REASON = (
+    "the GIL is disabled (free-threaded Python): threads run Python code in parallel, "
+    "and nothing is serialized"
+)
+
+
+def free_threaded() -> bool:
+    """Whether this interpreter runs without the GIL (``sys._is_gil_enabled()`` false)."""
+    import sys
+
+    check = getattr(sys, "_is_gil_enabled", None)
+    return check is not None and not check()
+
+
 def choose(
     func: Callable[..., Any], sample: Sequence[Any], setup: Any = None, *, use_cache: bool = True
 ) -> tuple[str, Any, Any, tuple[Verdict, ...]]:
@@ -195,6 +209,9 @@ def choose(
     verdict then depends on the initializer too.
     """
     installed = available_backends()
+    if free_threaded():
+        # Threads run Python code in parallel here, and nothing has to be serialized.
+        return "thread", func, setup, (Verdict("thread", True, FREE_THREADED_REASON),)
     use_cache = use_cache and setup is None
     cached = _cached(func, sample) if use_cache else None
     if cached is not None:
@@ -218,7 +235,10 @@ def choose(
 def all_verdicts(func: Callable[..., Any], sample: Sequence[Any], setup: Any = None) -> tuple[Verdict, ...]:
     """Every installed ladder backend's verdict (for ``explain`` and error messages)."""
     installed = available_backends()
-    return tuple(try_backend(name, func, sample, setup=setup)[0] for name in LADDER if name in installed)
+    verdicts = [try_backend(name, func, sample, setup=setup)[0] for name in LADDER if name in installed]
+    if free_threaded():
+        verdicts = [Verdict("thread", True, FREE_THREADED_REASON) if v.backend == "thread" else v for v in verdicts]
+    return tuple(verdicts)
 
 
 def capable_backends(func: Callable[..., Any], sample: Sequence[Any]) -> list[str]:
