@@ -187,17 +187,24 @@ def unlink(paths: Iterable[str]) -> None:
             _remove(path)
 
 
-def unlink_writer(caller_pid: int, writer: str) -> None:
-    """Remove what one writer (a worker that died) may have left."""
-    stem = f"{PREFIX}{caller_pid}-{writer}-"
+def _ours() -> Iterable[tuple[str, str]]:
+    """``(path, name after the prefix)`` of every pickmap segment in the candidate directories."""
     for directory in segment_dirs():
         try:
             names = os.listdir(directory)
         except OSError:
             continue
         for name in names:
-            if name.startswith(stem):
-                _remove(os.path.join(directory, name))
+            if name.startswith(PREFIX):
+                yield os.path.join(directory, name), name[len(PREFIX) :]
+
+
+def unlink_writer(caller_pid: int, writer: str) -> None:
+    """Remove what one writer (a worker that died) may have left."""
+    stem = f"{caller_pid}-{writer}-"
+    for path, rest in list(_ours()):
+        if rest.startswith(stem):
+            _remove(path)
 
 
 def _alive(pid: int) -> bool:
@@ -219,17 +226,10 @@ def sweep_dead() -> None:
         if _swept:
             return
         _swept = True
-        for directory in segment_dirs():
-            try:
-                names = os.listdir(directory)
-            except OSError:
-                continue
-            for name in names:
-                if not name.startswith(PREFIX):
-                    continue
-                pid_text = name[len(PREFIX) :].partition("-")[0]
-                if pid_text.isdigit() and not _alive(int(pid_text)):
-                    _remove(os.path.join(directory, name))
+        for path, rest in list(_ours()):
+            pid_text = rest.partition("-")[0]
+            if pid_text.isdigit() and not _alive(int(pid_text)):
+                _remove(path)
 
 
 def _forget_in_child() -> None:
