@@ -71,6 +71,21 @@ def difference(before: tuple[int, list[int]], after: tuple[int, list[int]]) -> s
     )
 
 
+def read_until(proc: subprocess.Popen[bytes], marker: bytes, count: int, *, seconds: float) -> bytes:
+    """What the child printed, once ``marker`` appeared ``count`` times (or it stopped, or time ran out)."""
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + seconds
+    while seen.count(marker) < count and time.monotonic() < deadline:
+        if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            break
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
 def spill_files(pid: int) -> list[str]:
     return [path for d in SPILL_DIRS for path in glob.glob(os.path.join(d, f"pickmap-{pid}-*"))]
 
@@ -264,15 +279,7 @@ def test_ctrl_c_leaves_no_spill_file_and_no_process():
                             env=env, start_new_session=True)  # fmt: skip
     descendants: list[int] = []
     try:
-        seen = b""
-        deadline = time.monotonic() + 30
-        while seen.count(b"WORKER") < 2 and time.monotonic() < deadline:
-            if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                break
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            seen += chunk
+        seen = read_until(proc, b"WORKER", 2, seconds=30)
         assert seen.count(b"WORKER") >= 2, seen
         descendants = faults.descendant_pids(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
@@ -398,15 +405,7 @@ def test_a_caller_killed_by_sigterm_leaves_nothing_once_the_next_pickmap_process
                             env=env, start_new_session=True)  # fmt: skip
     workers: list[int] = []
     try:
-        seen = b""
-        deadline = time.monotonic() + 30
-        while seen.count(b"WORKER") < 2 and time.monotonic() < deadline:
-            if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                break
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            seen += chunk
+        seen = read_until(proc, b"WORKER", 2, seconds=30)
         assert seen.count(b"WORKER") >= 2, seen
         workers = [int(pid) for pid in re.findall(rb"WORKER (\d+) ", seen)]
         # Mid-call: the items the workers hold were mapped and unlinked at once;
