@@ -42,7 +42,7 @@ class PoolBackend(Backend):
         key = (start.start_method, start.workers)
         if key not in _POOLS:
             _POOLS[key] = multiprocessing.get_context(start.start_method).Pool(start.workers)
-        return FuturesWorker(_submit_to(_POOLS[key]), blobs=True, shares_files=True)
+        return FuturesWorker(_submit_to(_POOLS[key]), blobs=True)
 
     def shutdown(self) -> None:
         while _POOLS:

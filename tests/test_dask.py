@@ -61,10 +61,20 @@ def index_and_pid(seconds: float, index: int) -> tuple[int, int]:
     return index, os.getpid()
 
 
-def slow_first(index: int) -> int:
-    if index == 0:
-        time.sleep(1.0)
-    return index
+class SlowFirst:
+    """Item 0 finishes only once item 6 has started: items 1-5 are done on the other worker by then."""
+
+    def __init__(self, folder: str) -> None:
+        self.marker = os.path.join(folder, "item-6-started")
+
+    def __call__(self, index: int) -> int:
+        if index == 6:
+            open(self.marker, "w").close()
+        if index == 0:
+            deadline = time.monotonic() + 20
+            while not os.path.exists(self.marker) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return index
 
 
 def count_run(path: str, x: int) -> int:
@@ -138,7 +148,7 @@ def test_the_default_worker_count_is_the_clusters_thread_count(cluster):
 
 
 # --------------------------------------------------------------------------- streaming
-def test_unordered_streaming_from_a_generator_is_lazy_and_in_completion_order(cluster):
+def test_unordered_streaming_from_a_generator_is_lazy_and_in_completion_order(cluster, tmp_path):
     pulled: list[int] = []
 
     def source():
@@ -146,7 +156,7 @@ def test_unordered_streaming_from_a_generator_is_lazy_and_in_completion_order(cl
             pulled.append(index)
             yield index
 
-    stream = imap(slow_first, source(), ordered=False, chunksize=1, backend="dask")
+    stream = imap(SlowFirst(str(tmp_path)), source(), ordered=False, chunksize=1, backend="dask")
     got = list(itertools.islice(stream, 30))
     stream.close()
     assert got[0] != 0  # item 0 sleeps while the other worker streams on

@@ -330,3 +330,39 @@ def test_concurrent_callers_share_the_configured_workers_and_get_their_own_resul
     pids = set().union(*results.values())
     assert len(results) == 3 and 1 <= len(pids) <= 2  # never more than workers=2 processes in total
     pickmap.shutdown()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_imaps_zipped_in_one_thread_both_finish(workers):
+    # The first holds the shared pool's workers while it is paused at a yield;
+    # the second must not wait for it forever.
+    kw = dict(backend="stdlib", workers=workers, chunksize=1, start_method="fork")
+    pairs = list(zip(imap(time.sleep, [0.001] * 30, **kw), imap(abs, range(-30, 0), **kw)))
+    assert [b for _, b in pairs] == list(range(30, 0, -1))
+
+
+@pytest.mark.timeout(30)
+def test_a_paused_imap_does_not_hold_up_a_call_in_another_thread():
+    import threading
+
+    kw = dict(backend="stdlib", workers=2, chunksize=1, start_method="fork")
+    paused = imap(abs, range(100), **kw)
+    next(paused)  # it holds workers now, and its consumer goes away for a while
+    done = threading.Event()
+    got: list[int] = []
+    thread = threading.Thread(target=lambda: (got.extend(pmap(abs, range(-20, 0), **kw)), done.set()))
+    thread.start()
+    assert done.wait(20), "the other thread's call waited for the paused imap"
+    thread.join()
+    assert got == list(range(20, 0, -1))
+    paused.close()
+
+
+def test_an_abandoned_imap_leaves_no_result_segment_behind():
+    for _ in range(3):
+        results = imap(bytearray, [300_000] * 20, backend="stdlib", workers=2, chunksize=1, start_method="fork")
+        next(results)
+        time.sleep(0.2)  # let the workers write results that will never be read
+        results.close()
+    assert _segments() == set()

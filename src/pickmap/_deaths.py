@@ -10,12 +10,10 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import _shm
 from . import errors
 from .errors import TaskTimeoutError
 from .pool import Slot, WorkerPool
@@ -81,8 +79,6 @@ def on_death(
     and the chunks to run again on another worker (``retries=``)."""
     code = slot.worker.exitcode()
     pid = slot.worker.pid
-    if pid is not None:
-        _shm.unlink_writer(os.getpid(), f"w{pid}")  # result segments it had no time to send
     if slot.said_bye or not slot.queued:
         pool.remove(slot, kill=True)
         return None, []
@@ -133,7 +129,8 @@ def check_timeouts(pool: WorkerPool, call: Call) -> TaskTimeoutError | None:
         what = f"item {index}" if index >= 0 else "loading the callable"
         backend = call.backend
         if backend.killable:
-            action = f"its worker (pid {slot.worker.pid}) was killed and will be replaced"
+            who = f"its worker (pid {slot.worker.pid})" if slot.worker.pid is not None else "its executor's process"
+            action = f"{who} was killed and will be replaced"
             pool.remove(slot, kill=True)
         elif backend.processes:
             action = "this backend cannot kill a task: it was left to its executor, which keeps running it"

@@ -35,6 +35,7 @@ _COMPARE_STEP = 16 << 20
 class _Entry(NamedTuple):
     data: bytes
     shared: Pickled  # the payload with segments
+    finalizer: Any  # removes the segment when the object dies; detached when the entry is replaced
 
 
 _SHIPPED: "weakref.WeakKeyDictionary[Any, dict[Any, _Entry]]" = weakref.WeakKeyDictionary()
@@ -87,6 +88,7 @@ def _unchanged(entry: _Entry, payload: Pickled) -> bool:
 
 
 def _forget(entry: _Entry) -> None:
+    entry.finalizer.detach()
     _shm.unlink(_wire.segment_paths(entry.shared))
 
 
@@ -97,7 +99,7 @@ def ship(func: Any, payload: Any) -> tuple[Any, list[str]]:
     owner, key = _owner(func)
     try:
         entries = _SHIPPED.setdefault(owner, {})
-    except TypeError:  # not weakly referenceable: shared for this call only
+    except TypeError:  # not weakly referenceable, or not hashable: shared for this call only
         shared = _wire.share(payload, transient=False, writer="c")
         return shared, _wire.segment_paths(shared)
     entry = entries.get(key)
@@ -108,6 +110,6 @@ def ship(func: Any, payload: Any) -> tuple[Any, list[str]]:
         return payload, []  # no shared memory to be had: the pipe carries it
     if entry is not None:
         _forget(entry)
-    entries[key] = _Entry(bytes(payload.data), shared)
-    weakref.finalize(owner, _forget, entries[key])
+    paths = _wire.segment_paths(shared)
+    entries[key] = _Entry(bytes(payload.data), shared, weakref.finalize(owner, _shm.unlink, paths))
     return shared, []

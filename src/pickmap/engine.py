@@ -125,8 +125,9 @@ class Call:
         return payload
 
     def close(self) -> None:
-        """Remove this call's shared memory. Every worker that got it has mapped it by now,
-        or was killed for being busy with this call."""
+        """Remove this call's shared memory: every worker that got it has mapped it by now,
+        or was killed for being busy with this call (a task still queued in an executor
+        that cannot be cancelled fails to load its items, and its result is never read)."""
         _shm.unlink(self._segments)
         _shm.unlink(path for paths in self.item_segments.values() for path in paths)
         self._segments.clear()
@@ -172,7 +173,9 @@ class _Run:
                         results, error = self.finished.pop(self.next_emit)
                         self.next_emit += 1
                         if results:
+                            self.pool.pause(self.call.id)  # the consumer may hold us at the yield
                             yield results
+                            self.pool.resume(self.call.id)
                         if error is not None:
                             raise error
                     continue  # emitting made room under the cap: dispatch before waiting
@@ -183,11 +186,16 @@ class _Run:
                         # The input raised: now that every result before it is out, as map() would.
                         raise self.chunker.input_error
                     return
-                yield from self._wait()
+                ready = self._wait()
+                if ready:
+                    self.pool.pause(self.call.id)
+                    yield from ready
+                    self.pool.resume(self.call.id)
                 if self.failure is not None:
                     # Raised after the results that arrived with it were handed over.
                     raise self.failure
         except (KeyboardInterrupt, errors.PickmapError) as stopped:
+            # WorkerCrashedError is made on first use (errors.py): looked up only when something failed.
             if not isinstance(stopped, (KeyboardInterrupt, errors.WorkerCrashedError)):
                 raise
             interrupted = True
@@ -286,7 +294,10 @@ class _Run:
             busy=bool(self.inflight),
             started=lambda slot: _deaths.item_started(slot)[1],
         )
-        wake = _waiting.wait_for(slots, timeout, also=self.pool.turn_fd(self.call.id))
+        turn = self.pool.turn_fd(self.call.id)
+        wake = _waiting.wait_for(slots, timeout, also=turn)
+        if turn is not None:
+            self.pool.drain_turn(self.call.id)
         out: list[list[Any]] = []
         for slot in wake.replies:
             if not slot.eof or slot.worker.waitable is None:
@@ -311,6 +322,8 @@ class _Run:
             results = self._on_message(slot, message)
             if results is not None:
                 out.append(results)
+        if slot in self.pool.slots:
+            self.pool.hand_back(slot)  # after the whole batch (a Bye in it must be seen first)
 
     def _run_again(self, chunks: list[Chunk]) -> None:
         """Chunks of a lost worker go back to the front of the line (``retries=``)."""
@@ -328,7 +341,6 @@ class _Run:
         slot.items_run += chunk.count
         if self.call.max_tasks is not None and slot.items_run >= self.call.max_tasks:
             slot.retiring = True  # no more chunks; replaced once its queue is empty
-        self.pool.hand_back(slot)  # if its queue is empty: another call may take it
         return chunk
 
     def _on_message(self, slot: Slot, message: Message) -> list[Any] | None:
@@ -361,7 +373,7 @@ class _Run:
             chunk = self._take(slot, message.seq)
             error = _replies.raised_error(call, message)
             if self.eager_errors:
-                _wire.resolve(message.partial)  # not needed: only map and remove its segments
+                _shm.unlink(_wire.segment_paths(message.partial))  # not needed: only remove its segments
                 self._fail(error)
                 return None
             partial = _replies.load(call, message.partial) if message.partial is not None else []

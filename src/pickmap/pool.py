@@ -77,6 +77,7 @@ class WorkerPool:
         # Calls that found no worker free, first come first served; each has a pipe
         # that is written when a worker is handed back to it.
         self._waiting: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
+        self._paused: set[int] = set()  # calls whose consumer holds them at a yield (an imap not iterated now)
 
     @property
     def key(self) -> tuple[str, str | None, int]:
@@ -95,6 +96,7 @@ class WorkerPool:
         ``depth`` caps the chunks a worker may hold (never above ``max_queued``).
         """
         depth = self.backend.max_queued if depth is None else min(depth, self.backend.max_queued)
+        self._reap_unusable()
         with self.lock:
             mine = [s for s in self.slots if s.owner == call_id and s.usable]
             idle_mine = next((s for s in mine if not s.queued), None)
@@ -103,7 +105,7 @@ class WorkerPool:
             my_turn = not self._waiting or next(iter(self._waiting)) == call_id
             if my_turn:
                 free = next((s for s in self.slots if s.owner is None and s.usable), None)
-                if free is None and len(self.slots) < self.size:
+                if free is None and (len(self.slots) < self.size or self._held_only_by_paused(call_id)):
                     free = self._start_slot(inheritance)
                 if free is not None:
                     free.owner = call_id
@@ -118,6 +120,58 @@ class WorkerPool:
             if not mine:
                 self._wait_turn(call_id)
             return None
+
+    def _held_only_by_paused(self, call_id: int) -> bool:
+        """Every worker is held by calls paused at a yield (two ``imap`` zipped, an
+        iterator put aside): one more worker, or this call would wait for them forever."""
+        holders = {s.owner for s in self.slots if s.owner is not None}
+        return bool(holders) and call_id not in holders and holders <= self._paused
+
+    def pause(self, call_id: int) -> None:
+        """The call yields results and may not run again for a while: it leaves the line,
+        and a call waiting for its workers may go past the size (see ``_held_only_by_paused``)."""
+        self.leave_line(call_id)
+        with self.lock:
+            self._paused.add(call_id)
+            self._wake_next()
+
+    def resume(self, call_id: int) -> None:
+        with self.lock:
+            self._paused.discard(call_id)
+
+    def _reap_unusable(self) -> None:
+        """Remove free workers that can serve no call (said Bye, pipe closed): they count against the size."""
+        with self.lock:
+            dead = [s for s in self.slots if s.owner is None and (s.said_bye or s.eof)]
+            for slot in dead:
+                self.slots.remove(slot)
+        for slot in dead:
+            slot.worker.kill()
+
+    def leave_line(self, call_id: int) -> None:
+        """The call stops waiting for a worker (it is about to yield results, or it ends).
+
+        A call waits in line only while it is blocked in its own wait: a
+        paused ``imap`` at the head of the line would hold every other call.
+        A wake-up it was given passes to the next in line.
+        """
+        with self.lock:
+            if call_id not in self._waiting:
+                return
+            was_head = next(iter(self._waiting)) == call_id
+            self._stop_waiting(call_id)
+            if was_head:
+                self._wake_next()
+
+    def drain_turn(self, call_id: int) -> None:
+        """Read the wake-ups on the call's pipe (it polls it level-triggered)."""
+        with self.lock:
+            pipe = self._waiting.get(call_id)
+            if pipe is not None:
+                try:
+                    os.read(pipe[0], 1 << 12)
+                except OSError:
+                    pass
 
     def _start_slot(self, inheritance: Inheritance | None) -> Slot:
         start = WorkerStart(self.start_method, self.idle_timeout, inheritance, self.size)
@@ -156,6 +210,8 @@ class WorkerPool:
 
     def hand_back(self, slot: Slot) -> None:
         """The call has nothing queued on this worker: free it, and wake the call waiting longest."""
+        if not slot.queued and slot.owner is not None and len(self.slots) > self.size:
+            slot.retiring = True  # started past the size while calls were paused: not kept
         if slot.retiring and not slot.queued:
             self.remove(slot, kill=False)  # its lifespan is over: replaced on demand
             return
@@ -198,8 +254,8 @@ class WorkerPool:
             raise late
 
     def _end_call(self, call_id: int, *, interrupted: bool) -> None:
-        with self.lock:
-            self._stop_waiting(call_id)
+        self.leave_line(call_id)
+        self.resume(call_id)
         for slot in self.held_by(call_id):
             if interrupted or slot.queued or slot.said_bye or slot.eof:
                 self.remove(slot, kill=True)
@@ -228,14 +284,19 @@ _LOCK = threading.Lock()
 def acquire(backend: Backend, start_method: str | None, size: int, idle_timeout: float) -> WorkerPool:
     """The pool for this key, shared with any call running on it now."""
     key = (backend.name, start_method, size)
+    replaced = None
     with _LOCK:
         pool = _POOLS.get(key)
-        if pool is None or not backend.keep_warm or pool.backend is not backend:
+        if pool is None or pool.broken or not backend.keep_warm or pool.backend is not backend:
+            if pool is not None and pool.users == 0 and backend.keep_warm:
+                replaced = pool  # another instance of the backend under the same name: close the old pool
             pool = WorkerPool(backend, start_method, size, idle_timeout)
             if backend.keep_warm:
                 _POOLS[key] = pool
         pool.users += 1
         first = pool.users == 1
+    if replaced is not None:
+        replaced.close()
     if first:
         pool.prune_dead()
     return pool

@@ -29,10 +29,9 @@ Submit = Callable[..., "concurrent.futures.Future[Any]"]
 class FuturesWorker(Worker):
     """``submit(run_job, job)`` per task. ``blobs``: the executor pickles what it carries."""
 
-    def __init__(self, submit: Submit, *, blobs: bool, shares_files: bool) -> None:
+    def __init__(self, submit: Submit, *, blobs: bool) -> None:
         self._submit = submit
         self._blobs = blobs
-        self._shares_files = shares_files
         self._mailbox = Mailbox()
         self._futures: dict[int, concurrent.futures.Future[Any]] = {}
         self.waitable = self._mailbox
@@ -41,11 +40,7 @@ class FuturesWorker(Worker):
         for job in messages:
             assert isinstance(job, Job), "a self-contained worker takes Job records only"
             seq = job.task.seq
-            if self._blobs:
-                task = job.task._replace(items=self._prepare(job.task.items, transient=True))
-                work: Any = _wire.to_blob([job._replace(task=task)])
-            else:
-                work = job
+            work: Any = _wire.to_blob([job]) if self._blobs else job
             try:
                 future = self._submit(run_job, work)
             except Exception as exc:  # noqa: BLE001 - a shut-down or broken executor
@@ -54,22 +49,20 @@ class FuturesWorker(Worker):
             self._futures[seq] = future
             future.add_done_callback(lambda done, seq=seq: self._done(seq, done))
 
-    def _prepare(self, payload: Any, *, transient: bool) -> Any:
-        return _wire.share(payload, transient=transient, writer="c") if self._shares_files else payload
-
     def _done(self, seq: int, future: concurrent.futures.Future[Any]) -> None:
         self._futures.pop(seq, None)
-        if future.cancelled():
-            self._mailbox.post([Lost(seq, "its future was cancelled")])
-            return
-        error = future.exception()
-        if error is not None:
-            self._mailbox.post([Lost(seq, f"{type(error).__name__}: {error}", getattr(error, "exitcode", None))])
-            return
-        replies = future.result()
-        if self._blobs:
-            replies = _wire.from_blob(replies)
-        self._mailbox.post(replies)
+        try:
+            if future.cancelled():
+                self._mailbox.post([Lost(seq, "its future was cancelled")])
+                return
+            error = future.exception()
+            if error is not None:
+                self._mailbox.post([Lost(seq, f"{type(error).__name__}: {error}", getattr(error, "exitcode", None))])
+                return
+            replies = future.result()
+            self._mailbox.post(_wire.from_blob(replies) if self._blobs else replies)
+        except BaseException as failure:  # noqa: BLE001 - a callback's error is swallowed by futures: report it
+            self._mailbox.post([Lost(seq, f"its reply could not be read: {type(failure).__name__}: {failure}")])
 
     def receive(self) -> list[Message]:
         return self._mailbox.take()

@@ -121,11 +121,17 @@ class ProcessWorker(Worker):
             # Python 3.12+ warns on any fork of a multi-threaded process; pickmap forks
             # with other threads only when they are an OpenBLAS pool (see _settings.py).
             warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
-            if forked:
-                self.process.start()
-            else:
-                _start_without_main(package, self.process)
-        worker_end.close()
+            try:
+                if forked:
+                    self.process.start()
+                else:
+                    _start_without_main(package, self.process)
+            except BaseException:
+                caller_end.close()
+                _shm.unlink([self._progress_path])
+                raise
+            finally:
+                worker_end.close()
         _CALLER_ENDS.add(caller_end)
         self.progress = progress
         self.conn = caller_end
@@ -210,6 +216,8 @@ class ProcessWorker(Worker):
         self._closed = True
         self.conn.close()
         _CALLER_ENDS.discard(self.conn)
+        if self.pid is not None:
+            _shm.unlink_writer(os.getpid(), f"w{self.pid}")  # results it wrote that will never be read
         _shm.unlink([self._progress_path])  # the worker removes it once mapped; not if it died first
         self.progress.release()
         self._progress_map.close()

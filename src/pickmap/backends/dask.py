@@ -133,7 +133,7 @@ def pickmap_task(call: tuple[str, int], setup_blob: bytes, task_blob: bytes) -> 
 # --------------------------------------------------------------------------- in the caller
 class _DaskWorker(FuturesWorker):
     def __init__(self, backend: DaskBackend, client: Any) -> None:
-        super().__init__(client.submit, blobs=True, shares_files=False)
+        super().__init__(client.submit, blobs=True)
         self._backend, self._client = backend, client
         self._held: set[Any] = set()  # keeps its calls' setup futures alive (see DaskBackend._setups)
 

@@ -45,7 +45,7 @@ class ExecutorBackend(Backend):
         return self.max_workers or super().default_workers()
 
     def start_worker(self, start: WorkerStart) -> Worker:
-        return FuturesWorker(self.executor.submit, blobs=self.processes, shares_files=self.shares_files)
+        return FuturesWorker(self.executor.submit, blobs=self.processes)
 
     def __repr__(self) -> str:
         return f"<pickmap backend over {self.executor!r}>"

@@ -1,4 +1,4 @@
-"""``ppe``: a pickmap-owned, reused ``ProcessPoolExecutor`` with cloudpickle-wrapped callables.
+"""``ppe``: pickmap-owned, reused ``ProcessPoolExecutor``s with cloudpickle-wrapped callables.
 
 The strategy the design started from, kept for comparison and for code that
 wants the standard library's executor underneath. It is on the registry and
@@ -6,76 +6,49 @@ in ``explain``, not on the probe's ladder: the ``cloudpickle`` backend carries
 the same callables on pickmap's own workers, which keep the callable loaded
 per call and report per-item progress (see docs/performance.md for the cost).
 
-One executor per (start method, worker count), created on first use and shut
-down by ``pickmap.shutdown()`` or at exit. A timed-out task cannot be killed
-alone: its executor is discarded (its processes killed) and the next call
-starts a fresh one.
+Each worker of a ppe pool is a single-process ``ProcessPoolExecutor`` of its
+own, kept warm with the pool across calls. That is what lets a stuck or
+abandoned task be killed (``killable``): its executor's one process is killed
+and the executor discarded, and no other call — pools are shared by
+concurrent callers — loses a task with it. An executor broken by a death is
+replaced at the next submit.
 """
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import multiprocessing
-import threading
 from typing import Any
+
 from ._futures import FuturesWorker
 from .base import Backend, Worker, WorkerStart
 
-_EXECUTORS: dict[tuple[str | None, int], concurrent.futures.ProcessPoolExecutor] = {}
-_LOCK = threading.Lock()
-
-
-def _executor(start_method: str | None, workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    with _LOCK:
-        executor = _EXECUTORS.get((start_method, workers))
-        if executor is None or getattr(executor, "_broken", False):
-            context = multiprocessing.get_context(start_method)
-            executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
-            _EXECUTORS[(start_method, workers)] = executor
-        return executor
-
-
-def _discard(executor: concurrent.futures.ProcessPoolExecutor) -> None:
-    with _LOCK:
-        for key, known in list(_EXECUTORS.items()):
-            if known is executor:
-                del _EXECUTORS[key]
-    processes = list((getattr(executor, "_processes", None) or {}).values())
-    executor.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.kill()
-        process.join(5)
-
-
-def shutdown_executors() -> None:
-    with _LOCK:
-        executors = list(_EXECUTORS.values())
-        _EXECUTORS.clear()
-    for executor in executors:
-        executor.shutdown(wait=True, cancel_futures=True)
-
-
-atexit.register(shutdown_executors)
-
 
 class _OwnedExecutorWorker(FuturesWorker):
-    def __init__(self, start_method: str | None, workers: int) -> None:
-        # The executor is looked up at each submit: one broken by a death is replaced.
-        super().__init__(self._submit_now, blobs=True, shares_files=True)
-        self._key = (start_method, workers)
-        self._executor = _executor(*self._key)
+    def __init__(self, start_method: str | None) -> None:
+        super().__init__(self._submit_now, blobs=True)
+        self._context = multiprocessing.get_context(start_method)
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(1, mp_context=self._context)
 
     def _submit_now(self, fn: Any, arg: Any) -> concurrent.futures.Future[Any]:
-        self._executor = _executor(*self._key)
+        if getattr(self._executor, "_broken", False):  # its process died: a fresh one
+            self._executor = self._new_executor()
         return self._executor.submit(fn, arg)
 
     def kill(self) -> None:
-        # pickmap owns this executor: a task that must stop takes the executor with it.
         busy = bool(self._futures)
         super().kill()
-        if busy:
-            _discard(self._executor)
+        processes = list((getattr(self._executor, "_processes", None) or {}).values()) if busy else []
+        self._executor.shutdown(wait=not busy, cancel_futures=True)
+        for process in processes:  # a task that must stop takes its executor's process with it
+            process.kill()
+            process.join(5)
+
+    def stop(self, grace: float) -> None:
+        self.kill()
 
 
 class PPEBackend(Backend):
@@ -83,11 +56,7 @@ class PPEBackend(Backend):
     serializer = "cloudpickle"
     sticky = False
     reports_progress = False
-    keep_warm = False
     max_queued = 1
 
-    def shutdown(self) -> None:
-        shutdown_executors()
-
     def start_worker(self, start: WorkerStart) -> Worker:
-        return _OwnedExecutorWorker(start.start_method, start.workers)
+        return _OwnedExecutorWorker(start.start_method)

@@ -27,11 +27,16 @@ class ThreadWorker(Worker):
         self._inbox: queue.SimpleQueue[Sequence[Message]] = queue.SimpleQueue()
         self._mailbox = Mailbox()
         self._abandoned = False
+        self._told_to_stop = False
         self.progress = [0.0, 0.0]
         self.waitable = self._mailbox
         self._thread = threading.Thread(target=self._run, name="pickmap-worker", daemon=True)
         self._thread._pickmap_worker = True  # type: ignore[attr-defined] # nested calls run in place
         self._thread.start()
+
+    def exitcode(self) -> int | None:
+        """1 once the thread has ended without being told to (its loop raised): seen as a death."""
+        return 1 if not self._told_to_stop and not self._thread.is_alive() else None
 
     def _run(self) -> None:
         def recv() -> list[Message]:
@@ -47,11 +52,12 @@ class ThreadWorker(Worker):
         return self._mailbox.take()
 
     def kill(self) -> None:
-        self._abandoned = True
+        self._told_to_stop = self._abandoned = True
         self._inbox.put([Stop()])
         self._mailbox.close()
 
     def stop(self, grace: float) -> None:
+        self._told_to_stop = True
         self._inbox.put([Stop()])
         self._thread.join(grace)
         self._abandoned = True
