@@ -34,6 +34,7 @@ __all__ = (
     "Unsendable",
     "SetupFailed",
     "Bye",
+    "Logged",
     "Lost",
     "Message",
     "CALLER_TOKEN",
@@ -63,6 +64,7 @@ class CallSpec(NamedTuple):
     timed: bool  # timeout= is set: report each item's start in the progress slot
     share: bool  # workers share the caller's files: large results may go through shared memory
     inner_threads: int = 0  # BLAS/OpenMP threads per worker process (0: leave the pools alone)
+    log_level: int | None = None  # the caller's root level, when it has configured logging
 
     @property
     def caller_pid(self) -> int:
@@ -150,6 +152,12 @@ class Bye(NamedTuple):
     """Idle too long: the worker exits without reading anything more."""
 
 
+class Logged(NamedTuple):
+    """Log records a task emitted, as plain fields, sent before the chunk's reply."""
+
+    records: list[dict[str, Any]]
+
+
 class Lost(NamedTuple):
     """A self-contained task that never came back (its executor process died, or the
     future was cancelled): made by the caller's futures adapter, not by a worker."""
@@ -159,4 +167,4 @@ class Lost(NamedTuple):
     exitcode: int | None = None
 
 
-Message = Union[Setup, Task, Stop, Job, Ready, Result, Raised, Unsendable, SetupFailed, Bye, Lost]
+Message = Union[Setup, Task, Stop, Job, Ready, Result, Raised, Unsendable, SetupFailed, Bye, Logged, Lost]

@@ -24,7 +24,7 @@ import types
 import weakref
 from typing import Any, NamedTuple
 
-from . import _shm, _wire
+from . import _logs, _shm, _wire
 from .serializers import Pickled
 
 __all__ = ("ship",)
@@ -104,6 +104,7 @@ def ship(func: Any, payload: Any) -> tuple[Any, list[str]]:
         return shared, _wire.segment_paths(shared)
     entry = entries.get(key)
     if entry is not None and _unchanged(entry, payload):
+        _logs.debug("shared memory: %s is unchanged, its %d bytes are not sent again", key or owner, payload.nbytes)
         return entry.shared, []
     shared = _wire.share(payload, transient=False, writer="c")
     if shared is payload:
@@ -111,5 +112,6 @@ def ship(func: Any, payload: Any) -> tuple[Any, list[str]]:
     if entry is not None:
         _forget(entry)
     paths = _wire.segment_paths(shared)
+    _logs.debug("shared memory: %d bytes of the callable written once to %s", payload.nbytes, ", ".join(paths))
     entries[key] = _Entry(bytes(payload.data), shared, weakref.finalize(owner, _shm.unlink, paths))
     return shared, []

@@ -67,6 +67,10 @@ def _warn_once(error: OSError) -> None:
     _warned = True
     import warnings
 
+    from . import _logs
+
+    _logs.warning("could not use shared memory (%s): large buffers go through the temp directory or the pipe", error)
+
     warnings.warn(
         f"pickmap could not use shared memory ({error}); large buffers go through the temp directory "
         f"or the pipe instead (slower). Give /dev/shm room, e.g. `docker run --shm-size=2g`",

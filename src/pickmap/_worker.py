@@ -54,11 +54,12 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from . import _shm, _wire
+from . import _logs, _shm, _wire
 from ._protocol import (
     Bye,
     CallSpec,
     Job,
+    Logged,
     Message,
     Raised,
     Ready,
@@ -216,13 +217,20 @@ class WorkerState:
         self.spec: CallSpec | None = None
         self.serializer: Serializer = get_serializer("identity")
         self.func: Callable[..., Any] | None = None
+        self.logs: Any = None  # _logs.Forwarder, once the caller's logging is known to be configured
 
     def handle(self, message: Message) -> list[Message]:
         if isinstance(message, Setup):
-            return self._setup(message)
-        if isinstance(message, Task):
-            return self._task(message)
-        raise ValueError(f"unknown message {type(message).__name__}")
+            replies = self._setup(message)
+        elif isinstance(message, Task):
+            replies = self._task(message)
+        else:
+            raise ValueError(f"unknown message {type(message).__name__}")
+        if self.logs is not None:
+            records = self.logs.take()
+            if records:
+                replies.insert(0, Logged(records))  # before the reply they belong to
+        return replies
 
     def adopt(self, spec: CallSpec, func: Callable[..., Any], setup: Any) -> list[Message]:
         """Take a call handed over by fork: the callable is already in memory."""
@@ -244,6 +252,8 @@ class WorkerState:
     def _ready(self, func: Callable[..., Any]) -> None:
         if self.own_process and self.spec is not None:
             limit_inner_threads(self.spec.inner_threads)  # after loading: the callable may have imported numpy
+            if self.spec.log_level is not None:
+                self.logs = _logs.install_forwarder(self.spec.log_level, replace=self.progress is not None)
         self.func = func
 
     def _load(self, payload: Any) -> Any:

@@ -23,6 +23,7 @@ from ._settings import (
     resolve_start_method,
     resolve_workers,
 )
+from . import _logs
 from ._progress import resolve_progress
 from ._worker import in_worker
 from .backends.base import Backend
@@ -144,6 +145,11 @@ def _prepare(
             empty.close()
         return _Prepared(plan, None, None, idle_timeout)
     sink = None if explaining else resolve_progress(progress, length)
+    _logs.debug(
+        "%s(%s): backend %s (from %s), %d workers, start method %s, chunksize %s",
+        api, getattr(func, "__qualname__", type(func).__qualname__), plan.backend, source, size,
+        plan.start_method, chunksize or "automatic",
+    )  # fmt: skip
 
     call = Call(
         func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout,

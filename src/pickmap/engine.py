@@ -29,8 +29,23 @@ import itertools
 import time
 from typing import Any, Callable, Iterator, NamedTuple
 
-from . import _deaths, _replies, _shipping, _shm, _waiting, _wire
-from ._protocol import CALLER_TOKEN, Bye, CallSpec, Job, Lost, Message, Raised, Ready, Result, Setup, SetupFailed, Task, Unsendable
+from . import _deaths, _logs, _replies, _shipping, _shm, _waiting, _wire
+from ._protocol import (
+    CALLER_TOKEN,
+    Bye,
+    CallSpec,
+    Job,
+    Logged,
+    Lost,
+    Message,
+    Raised,
+    Ready,
+    Result,
+    Setup,
+    SetupFailed,
+    Task,
+    Unsendable,
+)
 from .backends.base import Backend, Inheritance
 from .chunking import Chunker
 from . import errors
@@ -82,6 +97,7 @@ class Call:
         self.spec = CallSpec(
             next(_call_ids), CALLER_TOKEN, backend.serializer, star, collect, self.timed, self.uses_shared_memory,
             inner_threads if backend.processes else 0,
+            _logs.caller_level() if backend.processes and backend.shares_files else None,  # not to a cluster
         )  # fmt: skip
         self._func_payload = func_payload
         self._init_payload = init_payload
@@ -347,6 +363,9 @@ class _Run:
         call = self.call
         if isinstance(message, Ready):
             slot.ready = True
+        elif isinstance(message, Logged):
+            for record in message.records:
+                _logs.deliver(record)
         elif isinstance(message, Bye):
             slot.said_bye = True
             # It stopped reading before these arrived: none of them ran.
