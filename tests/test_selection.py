@@ -97,11 +97,14 @@ def test_bad_start_method_lists_the_valid_ones(clean_env):
         pmap(zoo.square, [1])
 
 
-def test_default_start_method_is_fork_only_when_single_threaded(clean_env):
+def test_a_python_thread_means_forkserver_even_where_only_blas_threads_would_allow_fork(clean_env):
     import threading
+
+    import numpy  # noqa: F401 - its OpenBLAS pool alone would allow fork
 
     from pickmap._settings import resolve_start_method
 
+    assert resolve_start_method(None) == "fork"
     stop = threading.Event()
     helper = threading.Thread(target=stop.wait)
     helper.start()
@@ -178,23 +181,6 @@ def test_importing_numpy_keeps_the_fork_default_and_workers_limit_their_blas_poo
     assert threads_line == ("True fork" if cpus > 1 else "False fork")
     assert limited == str([[max(1, cpus // 2)]] * 2)
     assert untouched == str([[cpus]])
-
-
-def test_a_python_thread_still_means_forkserver_even_with_numpy(clean_env):
-    import threading
-
-    import numpy  # noqa: F401 - its BLAS pool alone would allow fork
-
-    from pickmap._settings import resolve_start_method
-
-    stop = threading.Event()
-    helper = threading.Thread(target=stop.wait)
-    helper.start()
-    try:
-        assert resolve_start_method(None) == "forkserver"
-    finally:
-        stop.set()
-        helper.join()
 
 
 def test_inner_threads_must_be_a_whole_number(clean_env):
