@@ -93,3 +93,22 @@ def test_bad_retries_and_lifespans_fail_before_any_worker_starts(value, error):
         pmap(abs, [1], retries=value)
     with pytest.raises((TypeError, ValueError), match="max_tasks_per_worker"):
         pmap(abs, [1], max_tasks_per_worker=0 if value == -1 else value)
+
+
+@pytest.mark.parametrize("backend", ["cloudpickle", "ppe"])
+def test_a_retried_chunk_with_large_items_still_has_its_items(backend, tmp_path):
+    func = CrashOnceOnLength(str(tmp_path))
+    assert pmap(func, [bytearray(4 << 20)], backend=backend, workers=1, retries=1) == [4 << 20]
+
+
+class CrashOnceOnLength:
+    """``len(item)``; the first attempt anywhere kills its worker."""
+
+    def __init__(self, folder: str) -> None:
+        self.marker = os.path.join(folder, "crashed-once")
+
+    def __call__(self, item: bytearray) -> int:
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(3)
+        return len(item)

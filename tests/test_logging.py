@@ -53,3 +53,42 @@ def test_pickmap_records_its_decisions_at_debug(captured):
     pmap(abs, range(4), backend="stdlib", workers=2)
     decisions = [r.getMessage() for r in captured.records if r.name == "pickmap"]
     assert any("backend stdlib (from argument), 2 workers" in message for message in decisions), decisions
+
+
+def log_info_noisy(x: int) -> int:
+    logging.getLogger("noisy").info("noisy %d", x)
+    logging.getLogger("task.logs").info("kept %d", x)
+    return x
+
+
+def test_the_callers_level_for_a_named_logger_applies_to_worker_records(captured):
+    logging.getLogger("noisy").setLevel(logging.WARNING)
+    try:
+        pmap(log_info_noisy, range(3), backend="stdlib", workers=2, start_method="spawn")
+    finally:
+        logging.getLogger("noisy").setLevel(logging.NOTSET)
+    names = [r.name for r in captured.records if r.name in ("noisy", "task.logs")]
+    assert names.count("task.logs") == 3 and "noisy" not in names
+
+
+@pytest.mark.parametrize("backend", ["cloudpickle", "ppe"])
+def test_a_forked_worker_never_prints_a_record_twice(backend, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "logs_once.py"
+    script.write_text(
+        "import logging, pickmap\n"
+        "def f(x):\n"
+        "    logging.getLogger('task').warning('record %d', x)\n"
+        "    return x\n"
+        "if __name__ == '__main__':\n"
+        "    logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        f"    pickmap.pmap(f, range(3), backend={backend!r}, start_method='fork', workers=2)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
+    env["PYTHONPATH"] = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("record")]
+    assert sorted(lines) == ["record 0", "record 1", "record 2"], done.stderr

@@ -84,19 +84,18 @@ def _plain(record: Any) -> dict[str, Any]:
 _installed: Forwarder | None = None
 
 
-def install_forwarder(level: int, *, replace: bool) -> Forwarder:
-    """In a worker process: the root logger forwards to the caller (once). ``replace``: in
-    pickmap's own workers, handlers inherited from the caller by fork are dropped (the
-    caller's own handle the forwarded records); an executor's processes keep theirs."""
+def install_forwarder(level: int) -> Forwarder:
+    """In a worker process: the root logger forwards to the caller (once). Handlers the
+    process has (copies inherited from the caller by fork) are dropped: the caller's own
+    handle the forwarded records, so nothing is printed twice."""
     global _installed
     import logging
 
     root = logging.getLogger()
     if _installed is None:
         _installed = Forwarder()
-        if replace:
-            for handler in list(root.handlers):
-                root.removeHandler(handler)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
         root.addHandler(_installed.handler)
     root.setLevel(level)
     return _installed
@@ -107,4 +106,6 @@ def deliver(fields: dict[str, Any]) -> None:
     import logging
 
     record = logging.makeLogRecord(fields)
-    logging.getLogger(record.name).handle(record)
+    logger = logging.getLogger(record.name)
+    if logger.isEnabledFor(record.levelno):  # the caller's own level for that logger
+        logger.handle(record)

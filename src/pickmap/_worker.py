@@ -253,7 +253,7 @@ class WorkerState:
         if self.own_process and self.spec is not None:
             limit_inner_threads(self.spec.inner_threads)  # after loading: the callable may have imported numpy
             if self.spec.log_level is not None:
-                self.logs = _logs.install_forwarder(self.spec.log_level, replace=self.progress is not None)
+                self.logs = _logs.install_forwarder(self.spec.log_level)
         self.func = func
 
     def _load(self, payload: Any) -> Any:

@@ -133,7 +133,8 @@ class Call:
         payload = self.serializer.dump(items)
         if self.serializer.by_value and copies_locks(payload.data):
             raise TypeError("an item holds a threading lock")  # the probe's rule, for every chunk
-        if self.uses_shared_memory:
+        if self.uses_shared_memory and not self.retries:
+            # (with retries= a chunk may be sent twice: its reader would have removed the segment)
             payload = _wire.share(payload, transient=True, writer="c")
             paths = _wire.segment_paths(payload)
             if paths:
@@ -189,9 +190,9 @@ class _Run:
                         results, error = self.finished.pop(self.next_emit)
                         self.next_emit += 1
                         if results:
-                            self.pool.pause(self.call.id)  # the consumer may hold us at the yield
+                            self._pause()  # the consumer may hold us at the yield
                             yield results
-                            self.pool.resume(self.call.id)
+                            self._resume()
                         if error is not None:
                             raise error
                     continue  # emitting made room under the cap: dispatch before waiting
@@ -204,9 +205,9 @@ class _Run:
                     return
                 ready = self._wait()
                 if ready:
-                    self.pool.pause(self.call.id)
+                    self._pause()
                     yield from ready
-                    self.pool.resume(self.call.id)
+                    self._resume()
                 if self.failure is not None:
                     # Raised after the results that arrived with it were handed over.
                     raise self.failure
@@ -222,6 +223,16 @@ class _Run:
                 self.pool.end_call(self.call.id, interrupted=interrupted)
             finally:
                 self.call.close()
+
+    def _pause(self) -> None:
+        # Only imap (bounded) hands its generator to a consumer who may pause it;
+        # pmap consumes it at once, and pausing would let others go past the size.
+        if self.cap is not None:
+            self.pool.pause(self.call.id)
+
+    def _resume(self) -> None:
+        if self.cap is not None:
+            self.pool.resume(self.call.id)
 
     def _fail(self, error: BaseException | None) -> None:
         """Record the call's first failure; ``results`` raises it after this round's results."""

@@ -288,8 +288,11 @@ def acquire(backend: Backend, start_method: str | None, size: int, idle_timeout:
     with _LOCK:
         pool = _POOLS.get(key)
         if pool is None or pool.broken or not backend.keep_warm or pool.backend is not backend:
-            if pool is not None and pool.users == 0 and backend.keep_warm:
-                replaced = pool  # another instance of the backend under the same name: close the old pool
+            if pool is not None and backend.keep_warm and not pool.broken:
+                # Another instance of the backend under the same name: the old pool goes,
+                # now if idle, else with its last user.
+                pool.retired = True
+                replaced = pool if pool.users == 0 else None
             pool = WorkerPool(backend, start_method, size, idle_timeout)
             if backend.keep_warm:
                 _POOLS[key] = pool
