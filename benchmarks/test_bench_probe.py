@@ -148,5 +148,8 @@ def test_probe_cold_bound_method_50mb(benchmark) -> None:
 
 
 def _size(payload: object) -> int:
-    """Bytes in a probe payload (bytes, or a list of parts in newer versions)."""
+    """Bytes in a probe payload: a ``Pickled`` (its stream and out-of-band buffers), bytes, or parts."""
+    nbytes = getattr(payload, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
     return len(payload) if isinstance(payload, (bytes, bytearray)) else sum(map(len, payload))

@@ -12,7 +12,6 @@ worker start. Two pairs of methods:
   *original* memory: dumping copies nothing, and ``trial_load`` (the probe's
   round trip in the caller) loads from those same views, so a 400 MB ``self``
   costs no copy to probe.
-- ``dumps``/``loads``: bytes in, bytes out, everything in band.
 
 Serializers:
 
@@ -106,12 +105,6 @@ class Serializer:
         and no copy of the buffers (the loaded object's arrays are read-only views of the
         original memory)."""
         return self.load(pickled)
-
-    def dumps(self, obj: Any) -> Any:
-        raise NotImplementedError
-
-    def loads(self, data: Any) -> Any:
-        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------- out-of-band plumbing
@@ -301,13 +294,6 @@ class StdlibSerializer(Serializer):
     def trial_load(self, pickled: Pickled) -> Any:
         return _load_with(_TrialUnpickler, pickled._replace(buffers=_read_only(pickled.buffers)))
 
-    def dumps(self, obj: Any) -> bytes:
-        buffer = io.BytesIO()
-        _StdlibPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-        return buffer.getvalue()
-
-    loads = staticmethod(pickle.loads)  # type: ignore[assignment]
-
 
 # --------------------------------------------------------------------------- cloudpickle
 class _UntrackedUnpickler(_TrialUnpickler):
@@ -360,13 +346,6 @@ class CloudpickleSerializer(Serializer):
 
     def trial_load(self, pickled: Pickled) -> Any:
         return _load_with(_UntrackedUnpickler, pickled._replace(buffers=_read_only(pickled.buffers)))
-
-    def dumps(self, obj: Any) -> bytes:
-        import cloudpickle
-
-        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-
-    loads = staticmethod(pickle.loads)  # type: ignore[assignment]
 
 
 # --------------------------------------------------------------------------- dill
@@ -491,16 +470,6 @@ class DillSerializer(Serializer):
     def trial_load(self, pickled: Pickled) -> Any:
         return _load_with(_dill_classes()[2], pickled._replace(buffers=_read_only(pickled.buffers)))
 
-    def dumps(self, obj: Any) -> bytes:
-        import dill
-
-        return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
-
-    def loads(self, data: bytes) -> Any:
-        import dill
-
-        return dill.loads(data)
-
 
 # --------------------------------------------------------------------------- identity
 class IdentitySerializer(Serializer):
@@ -514,12 +483,6 @@ class IdentitySerializer(Serializer):
 
     def load(self, pickled: Any) -> Any:
         return pickled
-
-    def dumps(self, obj: Any) -> Any:
-        return obj
-
-    def loads(self, data: Any) -> Any:
-        return data
 
 
 _SERIALIZERS: dict[str, Callable[[], Serializer]] = {
