@@ -92,29 +92,57 @@ LABELS = {
 
 # Which libraries run which row.
 ORIGINAL_LIBS = ("pickmap", "serial", "pool", "ppe", "joblib", "pathos", "mpire")
-ORIGINAL_ROWS = ("trivial", "big_method", "cpu", "first_call", "many_calls", "many_calls_reused", "lambda_closure")
+ORIGINAL_ROWS = (
+    "trivial",
+    "big_method",
+    "cpu",
+    "first_call",
+    "many_calls",
+    "many_calls_reused",
+    "lambda_closure",
+)
 BACKEND_ROWS = ("trivial", "lambda_closure")  # issue 10
 BACKEND_LIBS = ("pickmap", "pickmap_cloudpickle", "pickmap_ppe", "pickmap_executor", "ppe")
-DATA_ROWS = ("big_items", "big_results", "big_self", "big_self_x3", "dataframe", "threads",
-             "first_call_installed", "first_call_installed_np")  # fmt: skip
-DATA_LIBS = ("pickmap", "pool", "pool_per_thread", "ppe", "joblib", "mpire", "mpire_shared", "pathos")
+DATA_ROWS = (
+    "big_items",
+    "big_results",
+    "big_self",
+    "big_self_x3",
+    "dataframe",
+    "threads",
+    "first_call_installed",
+    "first_call_installed_np",
+)
+DATA_LIBS = (
+    "pickmap",
+    "pool",
+    "pool_per_thread",
+    "ppe",
+    "joblib",
+    "mpire",
+    "mpire_shared",
+    "pathos",
+)
 INSTALLED_ROWS = ("first_call_installed", "first_call_installed_np")
 DASK_ROWS = ("trivial_dask", "warm8_dask")  # issue 11
 DASK_LIBS = ("pickmap_dask", "dask")
 _DATA_PEERS = ("pickmap", "pool", "ppe", "joblib", "mpire", "pathos")
 ROW_LIBS: dict[str, tuple[str, ...]] = {
-    **{w: ORIGINAL_LIBS for w in ORIGINAL_ROWS},
-    **{w: ORIGINAL_LIBS + BACKEND_LIBS[1:-1] for w in BACKEND_ROWS},
+    **dict.fromkeys(ORIGINAL_ROWS, ORIGINAL_LIBS),
+    **dict.fromkeys(BACKEND_ROWS, ORIGINAL_LIBS + BACKEND_LIBS[1:-1]),
     "big_items": ("floor", *_DATA_PEERS, "mpire_shared"),
     "big_results": ("floor", *_DATA_PEERS),  # nothing to share: the data is the results
     "big_self": ("floor", *_DATA_PEERS, "mpire_shared"),
     "big_self_x3": ("floor", *_DATA_PEERS, "mpire_shared"),
     "dataframe": ("floor", *_DATA_PEERS, "mpire_shared"),
     "threads": (*_DATA_PEERS, "pool_per_thread"),
-    **{w: _DATA_PEERS for w in INSTALLED_ROWS},
-    **{w: DASK_LIBS for w in DASK_ROWS},
+    **dict.fromkeys(INSTALLED_ROWS, _DATA_PEERS),
+    **dict.fromkeys(DASK_ROWS, DASK_LIBS),
 }
-DEFAULT_REPEAT = {**{w: 3 for w in ORIGINAL_ROWS}, **{w: 5 for w in (*BACKEND_ROWS, *DATA_ROWS, *DASK_ROWS)}}
+DEFAULT_REPEAT = {
+    **dict.fromkeys(ORIGINAL_ROWS, 3),
+    **dict.fromkeys((*BACKEND_ROWS, *DATA_ROWS, *DASK_ROWS), 5),
+}
 # Rows whose peers need more than --timeout: 100k dask tasks take about 3 minutes here.
 MIN_TIMEOUT = {"trivial_dask": 600.0}
 DESCRIPTIONS = {
@@ -134,11 +162,22 @@ DESCRIPTIONS = {
     "threads": "4 caller threads x 50 calls x 8 items (Pool.map, PPE, pathos: ONE pool shared by the threads; mpire and `Pool per thread`: a pool per thread)",
     "first_call_installed": "first_call with pickmap installed non-editable (temporary venv, `pip install <repo>`)",
     "first_call_installed_np": "the same, with numpy and pandas imported first",
-    "trivial_dask": "100k trivial items on the 2-worker dask cluster: `pmap(..., backend=\"dask\")` vs `client.gather(client.map(f, data))` (client connect included)",
+    "trivial_dask": '100k trivial items on the 2-worker dask cluster: `pmap(..., backend="dask")` vs `client.gather(client.map(f, data))` (client connect included)',
     "warm8_dask": "a warm 8-item pmap vs one `client.submit(f, 1).result()` round trip (median of 20 warm calls)",
 }
-PACKAGES = ("pickmap", "cloudpickle", "dill", "multiprocess", "pathos", "joblib", "mpire", "numpy", "pandas",
-            "distributed", "matplotlib")  # fmt: skip
+PACKAGES = (
+    "pickmap",
+    "cloudpickle",
+    "dill",
+    "multiprocess",
+    "pathos",
+    "joblib",
+    "mpire",
+    "numpy",
+    "pandas",
+    "distributed",
+    "matplotlib",
+)
 
 
 # --------------------------------------------------------------------------- one measurement
@@ -153,7 +192,7 @@ class Run:
 def _last_result(stdout: str) -> dict[str, Any] | None:
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
+            return json.loads(line[len(RESULT_MARKER) :])
     return None
 
 
@@ -206,7 +245,9 @@ def _remove_shm_left_by(pids: set[int], before: set[str]) -> int:
     for name in _shm_entries() - before:
         if any(re.search(rf"(?<![0-9]){pid}(?![0-9])", name) for pid in pids):
             path = SHM / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(
+                missing_ok=True
+            )
             removed += 1
     return removed
 
@@ -223,14 +264,22 @@ def _group_pids(pgid: int) -> set[int]:
     return found
 
 
-def _run_isolated(command: list[str], env: dict[str, str], timeout: float) -> tuple[str, str, int | None, bool]:
+def _run_isolated(
+    command: list[str], env: dict[str, str], timeout: float
+) -> tuple[str, str, int | None, bool]:
     """Run in a new session, so the measurement and every worker it started form one
     process group: a timeout kills all of them, and nothing left behind (an orphaned
     pool worker still chewing a 50 MB task) can slow the next measurement down.
     What killed processes leave in /dev/shm is removed (see ``_remove_shm_left_by``)."""
     shm_before = _shm_entries()
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
@@ -248,7 +297,9 @@ def _run_isolated(command: list[str], env: dict[str, str], timeout: float) -> tu
     if timed_out or leftovers:
         removed = _remove_shm_left_by(killed | {process.pid}, shm_before)
         if removed:
-            stderr += f"\n[compare.py] removed {removed} /dev/shm entr(y/ies) the killed processes left"
+            stderr += (
+                f"\n[compare.py] removed {removed} /dev/shm entr(y/ies) the killed processes left"
+            )
     return stdout, stderr, process.returncode if not timed_out else None, timed_out
 
 
@@ -266,23 +317,44 @@ class Setting:
 
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)
-    pycache: bool = True  # False for an installed pickmap: use the .pyc pip compiled, as a user does
+    pycache: bool = (
+        True  # False for an installed pickmap: use the .pyc pip compiled, as a user does
+    )
     unavailable: str | None = None  # why this row cannot run (then every cell says so)
 
 
-def measure(lib: str, workload: str, cpu_loops: int, timeout: float, scale: float = 1.0,
-            setting: Setting | None = None) -> Run:  # fmt: skip
+def measure(
+    lib: str,
+    workload: str,
+    cpu_loops: int,
+    timeout: float,
+    scale: float = 1.0,
+    setting: Setting | None = None,
+) -> Run:
     setting = setting or Setting()
     if setting.unavailable:
         return Run("n/a", error=setting.unavailable)
     command = [
-        setting.python, str(HERE / "run_one.py"),
-        "--lib", lib, "--workload", workload, "--cpu-loops", str(cpu_loops), "--scale", repr(scale),
-    ]  # fmt: skip
+        setting.python,
+        str(HERE / "run_one.py"),
+        "--lib",
+        lib,
+        "--workload",
+        workload,
+        "--cpu-loops",
+        str(cpu_loops),
+        "--scale",
+        repr(scale),
+    ]
     env = dict(os.environ)
     # Workers started by spawn-like methods (loky) must import `workloads` too.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
-    for name in ("PICKMAP_BACKEND", "PICKMAP_WORKERS", "PICKMAP_START_METHOD", "PYTHONDONTWRITEBYTECODE"):
+    for name in (
+        "PICKMAP_BACKEND",
+        "PICKMAP_WORKERS",
+        "PICKMAP_START_METHOD",
+        "PYTHONDONTWRITEBYTECODE",
+    ):
         env.pop(name, None)  # measure the defaults, whatever the caller's shell says
     for name in ("PICKMAP_DASK_ADDRESS", "PICKMAP_BENCH_CLUSTER_PIDS"):
         env.pop(name, None)  # only the dask rows see a cluster
@@ -297,11 +369,19 @@ def measure(lib: str, workload: str, cpu_loops: int, timeout: float, scale: floa
         if timed_out:
             return Run("timeout", error=f"no result within {timeout:g} s (killed)")
         # Progress bars (mpire) end their lines with \r: split on it too, and skip them.
-        lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and "it/s]" not in line]
+        lines = [
+            line
+            for line in stderr.replace("\r", "\n").splitlines()
+            if line.strip() and "it/s]" not in line
+        ]
         if code == 0:
             return Run("crashed", error="the process exited (code 0) without printing its result")
         return Run("crashed", error=f"exit code {code}: {(lines or ['no output'])[-1][:300]}")
-    info = {k: v for k, v in result.items() if k not in ("lib", "workload", "status", "seconds", "error")}
+    info = {
+        k: v
+        for k, v in result.items()
+        if k not in ("lib", "workload", "status", "seconds", "error")
+    }
     if "left behind" in stderr:
         info["left_processes"] = True
     if timed_out:
@@ -313,7 +393,9 @@ def with_import(run: Run) -> Run:
     """The same measurement, counting the import statement the user writes too."""
     if run.seconds is None:
         return run
-    return Run(run.status, run.seconds + float(run.info.get("import_s") or 0.0), run.error, run.info)
+    return Run(
+        run.status, run.seconds + float(run.info.get("import_s") or 0.0), run.error, run.info
+    )
 
 
 # --------------------------------------------------------------------------- an installed pickmap (first_call_installed)
@@ -326,14 +408,25 @@ def build_installed_venv(need_numpy: bool) -> tuple[Path, Path]:
     print(f"building {venv} (pip install {ROOT}, not editable)...", file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     packages = [str(ROOT), "joblib", "mpire", *(("numpy", "pandas") if need_numpy else ())]
-    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages],
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", *packages],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"pip install into {venv} failed: {done.stderr.strip()[-500:]}")
-    check = subprocess.run([str(python), "-c", "import pickmap, sys; print(pickmap.__file__)"],
-                           capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=60)  # fmt: skip
+    check = subprocess.run(
+        [str(python), "-c", "import pickmap, sys; print(pickmap.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
+        timeout=60,
+    )
     if str(ROOT) in check.stdout:
-        raise RuntimeError(f"pickmap in {venv} resolves to the checkout ({check.stdout.strip()}), not an installed copy")
+        raise RuntimeError(
+            f"pickmap in {venv} resolves to the checkout ({check.stdout.strip()}), not an installed copy"
+        )
     return venv, python
 
 
@@ -350,12 +443,16 @@ def _descendants(roots: list[int]) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents[int(entry.name)] = int(
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
             except (OSError, ValueError, IndexError):
                 pass
     found = list(roots)
     for pid in found:  # grows while iterating: breadth-first
-        found.extend(child for child, parent in parents.items() if parent == pid and child not in found)
+        found.extend(
+            child for child, parent in parents.items() if parent == pid and child not in found
+        )
     return found
 
 
@@ -376,10 +473,16 @@ class DaskCluster:
         env = dict(os.environ)
         # The workers unpickle `workloads.square` by reference: they must import it too.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
-        self.processes.append(subprocess.Popen(
-            [self._dask(), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.scratch, env=env,
-            start_new_session=True,
-        ))  # fmt: skip
+        self.processes.append(
+            subprocess.Popen(
+                [self._dask(), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.scratch,
+                env=env,
+                start_new_session=True,
+            )
+        )
 
     @staticmethod
     def _dask() -> str:
@@ -399,8 +502,17 @@ class DaskCluster:
         try:
             self._start("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")
             for _ in range(self.workers):
-                self._start("worker", self.address, "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard",
-                            "--local-directory", str(self.scratch))  # fmt: skip
+                self._start(
+                    "worker",
+                    self.address,
+                    "--nthreads",
+                    "1",
+                    "--host",
+                    "127.0.0.1",
+                    "--no-dashboard",
+                    "--local-directory",
+                    str(self.scratch),
+                )
             with Client(self.address, timeout=self.connect_timeout) as client:
                 client.wait_for_workers(self.workers, timeout=self.connect_timeout)
             # The scheduler, the nannies and the worker processes the nannies started.
@@ -427,21 +539,32 @@ class DaskCluster:
         self.processes.clear()
 
     def setting(self) -> Setting:
-        return Setting(env={"PICKMAP_DASK_ADDRESS": self.address,
-                            "PICKMAP_BENCH_CLUSTER_PIDS": ",".join(map(str, self.pids))})  # fmt: skip
+        return Setting(
+            env={
+                "PICKMAP_DASK_ADDRESS": self.address,
+                "PICKMAP_BENCH_CLUSTER_PIDS": ",".join(map(str, self.pids)),
+            }
+        )
 
 
 # --------------------------------------------------------------------------- cpu_ceiling.py in the same run
 def run_ceiling(loops: int, rounds: int, timeout: float) -> tuple[list[float], list[float]] | None:
     """Per-round median task times (alone, both busy) from cpu_ceiling.py, or None if it failed."""
-    command = [sys.executable, str(HERE / "cpu_ceiling.py"), "--rounds", str(rounds), "--loops", str(loops),
-               "--no-fresh", "--json"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(HERE / "cpu_ceiling.py"),
+        "--rounds",
+        str(rounds),
+        "--loops",
+        str(loops),
+        "--no-fresh",
+        "--json",
+    ]
     stdout, _, code, timed_out = _run_isolated(command, dict(os.environ), timeout)
     if code != 0 or timed_out:
         return None
     data = json.loads(stdout.strip().splitlines()[-1])
     return data["alone"], data["both"]
-
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -468,7 +591,11 @@ class Cell:
         return statistics.median(values) if values else None
 
     def by_round(self) -> dict[int, float]:
-        return {int(r.info["round"]): r.seconds for r in self.ok_runs if "round" in r.info and r.seconds is not None}
+        return {
+            int(r.info["round"]): r.seconds
+            for r in self.ok_runs
+            if "round" in r.info and r.seconds is not None
+        }
 
     @property
     def status(self) -> str:
@@ -520,7 +647,13 @@ def fmt_metric(cell: Cell | None, name: str, workload: str, *, unit: str = "s") 
 
 def ratio(cells: dict[str, Cell], lib: str, mine: str = "pickmap") -> float | None:
     ours, theirs = cells.get(mine), cells.get(lib)
-    if ours is None or theirs is None or ours.median is None or theirs.median is None or theirs.median == 0:
+    if (
+        ours is None
+        or theirs is None
+        or ours.median is None
+        or theirs.median is None
+        or theirs.median == 0
+    ):
         return None
     return ours.median / theirs.median
 
@@ -575,31 +708,66 @@ class Target:
 
 TARGETS = (
     Target("trivial", "pickmap <= Pool.map", (("pool", 1.0),)),
-    Target("big_method", "pickmap <= 1.2 x mpire and >= 4x faster than Pool.map", (("mpire", 1.2), ("pool", 0.25))),
-    Target("cpu", "pickmap <= 1.0 x Pool.map in paired rounds, and x serial within 5% of cpu_ceiling.py's ratio "
-           "(same run; replaces <= 0.55 x serial)", (("pool", 1.0),), paired=True, ceiling_margin=1.05),  # fmt: skip
+    Target(
+        "big_method",
+        "pickmap <= 1.2 x mpire and >= 4x faster than Pool.map",
+        (("mpire", 1.2), ("pool", 0.25)),
+    ),
+    Target(
+        "cpu",
+        "pickmap <= 1.0 x Pool.map in paired rounds, and x serial within 5% of cpu_ceiling.py's ratio "
+        "(same run; replaces <= 0.55 x serial)",
+        (("pool", 1.0),),
+        paired=True,
+        ceiling_margin=1.05,
+    ),
     Target("first_call", "pickmap <= 1.5 x Pool.map", (("pool", 1.5),)),
     Target("many_calls", "pickmap <= 0.25 x ProcessPoolExecutor", (("ppe", 0.25),)),
     Target("lambda_closure", "pickmap <= pathos", (("pathos", 1.0),)),
     # issue 8
-    Target("big_items", "pickmap <= 0.35 x Pool.map and <= 0.6 x joblib", (("pool", 0.35), ("joblib", 0.6))),
-    Target("big_results", "pickmap <= 0.35 x Pool.map and <= 0.8 x mpire", (("pool", 0.35), ("mpire", 0.8))),
-    Target("big_self", "pickmap <= 0.5 x joblib and <= 2 x mpire; caller peak memory grows <= 100 MB",
-           (("joblib", 0.5), ("mpire", 2.0)), caller_mb=100.0),  # fmt: skip
+    Target(
+        "big_items",
+        "pickmap <= 0.35 x Pool.map and <= 0.6 x joblib",
+        (("pool", 0.35), ("joblib", 0.6)),
+    ),
+    Target(
+        "big_results",
+        "pickmap <= 0.35 x Pool.map and <= 0.8 x mpire",
+        (("pool", 0.35), ("mpire", 0.8)),
+    ),
+    Target(
+        "big_self",
+        "pickmap <= 0.5 x joblib and <= 2 x mpire; caller peak memory grows <= 100 MB",
+        (("joblib", 0.5), ("mpire", 2.0)),
+        caller_mb=100.0,
+    ),
     Target("big_self_x3", "pickmap's three calls <= 2 x mpire's three calls", (("mpire", 2.0),)),
     Target("dataframe", "pickmap <= 1.0 x Pool.map", (("pool", 1.0),)),
     Target("threads", "pickmap <= 1.2 x one Pool.map shared by the threads", (("pool", 1.2),)),
-    Target("first_call_installed+import", "import + one 8-item call, installed pickmap <= 1.15 x Pool.map",
-           (("pool", 1.15),)),  # fmt: skip
+    Target(
+        "first_call_installed+import",
+        "import + one 8-item call, installed pickmap <= 1.15 x Pool.map",
+        (("pool", 1.15),),
+    ),
     # issue 11
-    Target("trivial_dask", 'pmap(backend="dask") <= 0.3 x client.gather(client.map(f, data))', (("dask", 0.3),),
-           mine="pickmap_dask"),  # fmt: skip
-    Target("warm8_dask", "warm 8-item pmap <= 3 x one client.submit(f, 1).result()", (("dask", 3.0),),
-           mine="pickmap_dask"),  # fmt: skip
+    Target(
+        "trivial_dask",
+        'pmap(backend="dask") <= 0.3 x client.gather(client.map(f, data))',
+        (("dask", 0.3),),
+        mine="pickmap_dask",
+    ),
+    Target(
+        "warm8_dask",
+        "warm 8-item pmap <= 3 x one client.submit(f, 1).result()",
+        (("dask", 3.0),),
+        mine="pickmap_dask",
+    ),
 )
 
 
-def evaluate(target: Target, cells: dict[str, Cell], ceiling: Ceiling | None = None) -> tuple[str, str]:
+def evaluate(
+    target: Target, cells: dict[str, Cell], ceiling: Ceiling | None = None
+) -> tuple[str, str]:
     """``(measured, verdict)``; verdict is ``met``, ``MISSED`` or why it cannot be judged."""
     parts, verdict = [], "met"
     mine = target.mine
@@ -615,7 +783,10 @@ def evaluate(target: Target, cells: dict[str, Cell], ceiling: Ceiling | None = N
             ours = cells[mine]
             if ours.median is None:
                 # A row that could not be set up (no cluster, no venv) is not a miss of pickmap's.
-                return f"{LABELS[mine]} {show_status(ours.status, target.workload)}", "n/a" if ours.status == "n/a" else "MISSED"
+                return (
+                    f"{LABELS[mine]} {show_status(ours.status, target.workload)}",
+                    "n/a" if ours.status == "n/a" else "MISSED",
+                )
             return f"{LABELS[peer]} {show_status(cells[peer].status, target.workload)}", "n/a"
         how = f"paired median of {len(pairs)} rounds: " if target.paired else ""
         parts.append(f"{how}{value:.2f} x {LABELS[peer]} (needs <= {bound:g})")
@@ -629,7 +800,9 @@ def evaluate(target: Target, cells: dict[str, Cell], ceiling: Ceiling | None = N
             verdict = "n/a" if verdict == "met" else verdict
         else:
             value = statistics.median(pairs)
-            parts.append(f"{value:.3f} x serial vs ceiling {limit:.3f} (needs <= {target.ceiling_margin * limit:.3f})")
+            parts.append(
+                f"{value:.3f} x serial vs ceiling {limit:.3f} (needs <= {target.ceiling_margin * limit:.3f})"
+            )
             if value > target.ceiling_margin * limit:
                 verdict = "MISSED"
     if target.caller_mb is not None:
@@ -681,8 +854,12 @@ def versions() -> dict[str, str]:
 def src_tree() -> str:
     """The git tree of src/ plus its uncommitted diff: changes only when pickmap's source does."""
     try:
-        tree = subprocess.run(["git", "rev-parse", "HEAD:src"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        diff = subprocess.run(["git", "diff", "HEAD", "--", "src"], cwd=ROOT, capture_output=True, text=True).stdout
+        tree = subprocess.run(
+            ["git", "rev-parse", "HEAD:src"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--", "src"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
         return f"{tree}:{hash(diff)}"
     except OSError:
         return "unknown"
@@ -690,8 +867,12 @@ def src_tree() -> str:
 
 def git_revision() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return f"{rev}{' + uncommitted changes in src/' if dirty else ''}" if rev else "unknown"
     except OSError:
         return "unknown"
@@ -699,7 +880,9 @@ def git_revision() -> str:
 
 # --------------------------------------------------------------------------- report
 def table(header: list[str], rows: list[list[str]], *, numeric: bool = True) -> str:
-    rule = "|" + "|".join("---" if i == 0 or not numeric else "---:" for i in range(len(header))) + "|"
+    rule = (
+        "|" + "|".join("---" if i == 0 or not numeric else "---:" for i in range(len(header))) + "|"
+    )
     lines = ["| " + " | ".join(header) + " |", rule]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -711,25 +894,41 @@ class Section:
     rows: tuple[str, ...]
     libs: tuple[str, ...]
     mine: str = "pickmap"
-    ratio_to: str | None = None  # the ratio table divides every column by this one (default: mine / peer)
+    ratio_to: str | None = (
+        None  # the ratio table divides every column by this one (default: mine / peer)
+    )
     resources: bool = False  # CPU and memory tables
     note: str = ""
 
 
 SECTIONS = (
     Section("Original rows", (*ORIGINAL_ROWS, "first_call+import"), ORIGINAL_LIBS),
-    Section("Backends (issue 10): pickmap's ppe backend and a user's executor", BACKEND_ROWS, BACKEND_LIBS,
-            ratio_to="pickmap_cloudpickle",
-            note="`pickmap PPE(2)` is `pmap(f, data, backend=ProcessPoolExecutor(2))` with the executor created inside "
-                 "the timed region and shut down by the benchmark afterwards."),  # fmt: skip
-    Section("Data (issue 8)", (*DATA_ROWS, *(f"{w}+import" for w in INSTALLED_ROWS)), ("floor", *DATA_LIBS),
-            resources=True,
-            note="numpy and pandas are imported at the top of every measured script of these rows (so OpenBLAS "
-                 "threads exist before any pool does). `floor`: the fastest of one np.copyto, one socket write and "
-                 "one /dev/shm write of the row's bytes (see the floor table)."),  # fmt: skip
-    Section("Dask (issue 11): the local 2-worker cluster", DASK_ROWS, DASK_LIBS, mine="pickmap_dask", resources=True,
-            note="CPU and memory of the cluster (scheduler, nannies, workers) are read from /proc around the timed "
-                 "region; warm8_dask figures are per call."),  # fmt: skip
+    Section(
+        "Backends (issue 10): pickmap's ppe backend and a user's executor",
+        BACKEND_ROWS,
+        BACKEND_LIBS,
+        ratio_to="pickmap_cloudpickle",
+        note="`pickmap PPE(2)` is `pmap(f, data, backend=ProcessPoolExecutor(2))` with the executor created inside "
+        "the timed region and shut down by the benchmark afterwards.",
+    ),
+    Section(
+        "Data (issue 8)",
+        (*DATA_ROWS, *(f"{w}+import" for w in INSTALLED_ROWS)),
+        ("floor", *DATA_LIBS),
+        resources=True,
+        note="numpy and pandas are imported at the top of every measured script of these rows (so OpenBLAS "
+        "threads exist before any pool does). `floor`: the fastest of one np.copyto, one socket write and "
+        "one /dev/shm write of the row's bytes (see the floor table).",
+    ),
+    Section(
+        "Dask (issue 11): the local 2-worker cluster",
+        DASK_ROWS,
+        DASK_LIBS,
+        mine="pickmap_dask",
+        resources=True,
+        note="CPU and memory of the cluster (scheduler, nannies, workers) are read from /proc around the timed "
+        "region; warm8_dask figures are per call.",
+    ),
 )
 
 
@@ -739,7 +938,9 @@ def _present(section: Section, results: dict[str, dict[str, Cell]]) -> tuple[lis
     return rows, libs
 
 
-def _section_report(section: Section, results: dict[str, dict[str, Cell]], meta: dict[str, Any]) -> list[str]:
+def _section_report(
+    section: Section, results: dict[str, dict[str, Cell]], meta: dict[str, Any]
+) -> list[str]:
     rows, libs = _present(section, results)
     if not rows or not libs:
         return []
@@ -747,9 +948,15 @@ def _section_report(section: Section, results: dict[str, dict[str, Cell]], meta:
     if section.note:
         out += [section.note, ""]
     repeats = sorted({meta["repeats"].get(w.removesuffix("+import"), 0) for w in rows})
-    out.append(f"### Seconds (median of {'/'.join(map(str, repeats))} fresh-process runs; lower is better)\n")
-    out.append(table(["workload", *(LABELS[lib] for lib in libs)],
-                     [[f"`{w}`", *(fmt_seconds(results[w].get(lib), w) for lib in libs)] for w in rows]))  # fmt: skip
+    out.append(
+        f"### Seconds (median of {'/'.join(map(str, repeats))} fresh-process runs; lower is better)\n"
+    )
+    out.append(
+        table(
+            ["workload", *(LABELS[lib] for lib in libs)],
+            [[f"`{w}`", *(fmt_seconds(results[w].get(lib), w) for lib in libs)] for w in rows],
+        )
+    )
     out.append("")
 
     base = section.ratio_to or section.mine
@@ -757,12 +964,28 @@ def _section_report(section: Section, results: dict[str, dict[str, Cell]], meta:
     if base in libs and others:
         if section.ratio_to:
             out.append(f"### Ratios: each / {LABELS[base]} (below 1: faster than {LABELS[base]})\n")
-            body = [[f"`{w}`", *(fmt_ratio(results[w], base, w, mine=lib) if lib in results[w] else "—" for lib in others)]
-                    for w in rows]  # fmt: skip
+            body = [
+                [
+                    f"`{w}`",
+                    *(
+                        fmt_ratio(results[w], base, w, mine=lib) if lib in results[w] else "—"
+                        for lib in others
+                    ),
+                ]
+                for w in rows
+            ]
         else:
             out.append(f"### Ratios: {LABELS[base]} / peer (below 1: {LABELS[base]} is faster)\n")
-            body = [[f"`{w}`", *(fmt_ratio(results[w], lib, w, mine=base) if lib in results[w] else "—" for lib in others)]
-                    for w in rows]  # fmt: skip
+            body = [
+                [
+                    f"`{w}`",
+                    *(
+                        fmt_ratio(results[w], lib, w, mine=base) if lib in results[w] else "—"
+                        for lib in others
+                    ),
+                ]
+                for w in rows
+            ]
         out.append(table(["workload", *(LABELS[lib] for lib in others)], body))
         out.append("")
 
@@ -772,20 +995,44 @@ def _section_report(section: Section, results: dict[str, dict[str, Cell]], meta:
         cluster = section.mine == "pickmap_dask"
         figures = [
             ("caller_cpu_s", "s", "CPU seconds of the caller (user+sys, timed region)"),
-            ("cluster_cpu_s" if cluster else "workers_cpu_s", "s",
-             "CPU seconds of the cluster during the timed region" if cluster
-             else "CPU seconds of the workers (RUSAGE_CHILDREN after the pool is joined: their whole life)"),
-            ("caller_peak_mb", "mb", "caller peak memory growth, MB (VmHWM over its value just before the timed region)"),
-            ("cluster_peak_mb" if cluster else "workers_peak_mb", "mb",
-             "cluster peak memory growth, MB (largest VmHWM growth of one cluster process)" if cluster
-             else "workers' peak RSS, MB (ru_maxrss of RUSAGE_CHILDREN: the largest single worker; fork workers "
-                  "count the pages they inherited)"),
-        ]  # fmt: skip
+            (
+                "cluster_cpu_s" if cluster else "workers_cpu_s",
+                "s",
+                "CPU seconds of the cluster during the timed region"
+                if cluster
+                else "CPU seconds of the workers (RUSAGE_CHILDREN after the pool is joined: their whole life)",
+            ),
+            (
+                "caller_peak_mb",
+                "mb",
+                "caller peak memory growth, MB (VmHWM over its value just before the timed region)",
+            ),
+            (
+                "cluster_peak_mb" if cluster else "workers_peak_mb",
+                "mb",
+                "cluster peak memory growth, MB (largest VmHWM growth of one cluster process)"
+                if cluster
+                else "workers' peak RSS, MB (ru_maxrss of RUSAGE_CHILDREN: the largest single worker; fork workers "
+                "count the pages they inherited)",
+            ),
+        ]
         for name, unit, title in figures:
             out.append(f"### {title}\n")
-            out.append(table(["workload", *(LABELS[lib] for lib in measured)],
-                             [[f"`{w}`", *(fmt_metric(results[w].get(lib), name, w, unit=unit) for lib in measured)]
-                              for w in rows_measured]))  # fmt: skip
+            out.append(
+                table(
+                    ["workload", *(LABELS[lib] for lib in measured)],
+                    [
+                        [
+                            f"`{w}`",
+                            *(
+                                fmt_metric(results[w].get(lib), name, w, unit=unit)
+                                for lib in measured
+                            ),
+                        ]
+                        for w in rows_measured
+                    ],
+                )
+            )
             out.append("")
         floors = [w for w in rows_measured if "floor" in results[w]]
         if floors:
@@ -794,21 +1041,42 @@ def _section_report(section: Section, results: dict[str, dict[str, Cell]], meta:
             for w in floors:
                 cell = results[w]["floor"]
                 best = cell.median
-                peers = [results[w][lib].median for lib in measured if lib != base and lib in results[w]]
+                peers = [
+                    results[w][lib].median for lib in measured if lib != base and lib in results[w]
+                ]
                 peers = [v for v in peers if v is not None]
                 mine = results[w].get(base)
-                body.append([
-                    f"`{w}`",
-                    f"{(cell.metric('nbytes') or 0) / 2**20:.0f}",
-                    fmt_metric(cell, "copyto_s", w), fmt_metric(cell, "copyto_fresh_s", w),
-                    fmt_metric(cell, "socket_s", w), fmt_metric(cell, "shm_s", w),
-                    f"{mine.median / best:.1f}" if mine and mine.median and best else "—",
-                    f"{min(peers) / best:.1f}" if peers and best else "—",
-                ])  # fmt: skip
-            out.append(table(["workload", "MB", "np.copyto", "np.copyto (fresh pages)", "socketpair write",
-                              "/dev/shm write", f"{LABELS[base]} / floor", "best peer / floor"], body))  # fmt: skip
-            out.append("\nfloor = the fastest of the four columns; np.copyto into memory already faulted in, "
-                       "the others into fresh pages.\n")  # fmt: skip
+                body.append(
+                    [
+                        f"`{w}`",
+                        f"{(cell.metric('nbytes') or 0) / 2**20:.0f}",
+                        fmt_metric(cell, "copyto_s", w),
+                        fmt_metric(cell, "copyto_fresh_s", w),
+                        fmt_metric(cell, "socket_s", w),
+                        fmt_metric(cell, "shm_s", w),
+                        f"{mine.median / best:.1f}" if mine and mine.median and best else "—",
+                        f"{min(peers) / best:.1f}" if peers and best else "—",
+                    ]
+                )
+            out.append(
+                table(
+                    [
+                        "workload",
+                        "MB",
+                        "np.copyto",
+                        "np.copyto (fresh pages)",
+                        "socketpair write",
+                        "/dev/shm write",
+                        f"{LABELS[base]} / floor",
+                        "best peer / floor",
+                    ],
+                    body,
+                )
+            )
+            out.append(
+                "\nfloor = the fastest of the four columns; np.copyto into memory already faulted in, "
+                "the others into fresh pages.\n"
+            )
     return out
 
 
@@ -818,27 +1086,50 @@ def cpu_report(cells: dict[str, Cell], ceiling: Ceiling) -> list[str]:
     vs_serial = paired_ratios(cells, "serial")
     pool_serial = paired_ratios(cells, "serial", mine="pool")
     rows = []
-    for label, values in (("pickmap / Pool.map", vs_pool), ("pickmap / serial", vs_serial), ("Pool.map / serial", pool_serial)):
+    for label, values in (
+        ("pickmap / Pool.map", vs_pool),
+        ("pickmap / serial", vs_serial),
+        ("Pool.map / serial", pool_serial),
+    ):
         if values:
-            rows.append([label, str(len(values)), f"{statistics.median(values):.3f}",
-                         f"{min(values):.3f}–{max(values):.3f}"])  # fmt: skip
+            rows.append(
+                [
+                    label,
+                    str(len(values)),
+                    f"{statistics.median(values):.3f}",
+                    f"{min(values):.3f}–{max(values):.3f}",
+                ]
+            )
     limit = ceiling.ratio
     if limit is not None:
-        rows.append(["cpu_ceiling.py: zero-overhead pool / serial", str(len(ceiling.alone)), f"{limit:.3f}",
-                     f"one busy {statistics.median(ceiling.alone) * 1e3:.1f} ms, both {statistics.median(ceiling.both) * 1e3:.1f} ms per task"])  # fmt: skip
+        rows.append(
+            [
+                "cpu_ceiling.py: zero-overhead pool / serial",
+                str(len(ceiling.alone)),
+                f"{limit:.3f}",
+                f"one busy {statistics.median(ceiling.alone) * 1e3:.1f} ms, both {statistics.median(ceiling.both) * 1e3:.1f} ms per task",
+            ]
+        )
     out.append(table(["ratio", "rounds", "median", "range / detail"], rows))
     if limit is not None and vs_serial:
-        out.append(f"\npickmap x serial is {statistics.median(vs_serial) / limit:.3f} x the ceiling (target <= 1.05).")
+        out.append(
+            f"\npickmap x serial is {statistics.median(vs_serial) / limit:.3f} x the ceiling (target <= 1.05)."
+        )
     out.append("")
     return out
 
 
-def report(results: dict[str, dict[str, Cell]], meta: dict[str, Any], ceiling: Ceiling | None = None) -> str:
+def report(
+    results: dict[str, dict[str, Cell]], meta: dict[str, Any], ceiling: Ceiling | None = None
+) -> str:
     ceiling = ceiling or Ceiling()
     out = ["## Workloads\n"]
     for w in results:
         base = w.removesuffix("+import")
-        text = DESCRIPTIONS.get(w) or f"{DESCRIPTIONS.get(base, '')}; plus the user's import statement (derived from the {base} runs)"
+        text = (
+            DESCRIPTIONS.get(w)
+            or f"{DESCRIPTIONS.get(base, '')}; plus the user's import statement (derived from the {base} runs)"
+        )
         out.append(f"- `{w}`: {text}")
     out.append("")
     for section in SECTIONS:
@@ -852,7 +1143,14 @@ def report(results: dict[str, dict[str, Cell]], meta: dict[str, Any], ceiling: C
     for target in TARGETS:
         if target.workload in results:
             measured, verdict = evaluate(target, results[target.workload], ceiling)
-            rows.append([f"`{target.workload}`", target.text, measured, f"**{verdict}**" if verdict == "MISSED" else verdict])
+            rows.append(
+                [
+                    f"`{target.workload}`",
+                    target.text,
+                    measured,
+                    f"**{verdict}**" if verdict == "MISSED" else verdict,
+                ]
+            )
     if rows:
         out.append("## Targets\n")
         out.append(table(["workload", "target", "measured", "verdict"], rows, numeric=False))
@@ -875,12 +1173,20 @@ def report(results: dict[str, dict[str, Cell]], meta: dict[str, Any], ceiling: C
         for lib, cell in cells.items():
             if not lib.startswith("pickmap"):
                 continue
-            chosen = sorted({f"{r.info['backend']}" + (f" ({r.info['start_method']})" if r.info.get("start_method") else "")
-                             for r in cell.runs if r.info.get("backend")})  # fmt: skip
+            chosen = sorted(
+                {
+                    f"{r.info['backend']}"
+                    + (f" ({r.info['start_method']})" if r.info.get("start_method") else "")
+                    for r in cell.runs
+                    if r.info.get("backend")
+                }
+            )
             if chosen and lib == "pickmap":
                 notes.append(f"- `{w}`: pickmap chose backend {', '.join(chosen)}")
             if w in INSTALLED_ROWS:
-                origins = sorted({r.info["pickmap_from"] for r in cell.runs if r.info.get("pickmap_from")})
+                origins = sorted(
+                    {r.info["pickmap_from"] for r in cell.runs if r.info.get("pickmap_from")}
+                )
                 notes.append(f"- `{w}`: pickmap imported from {', '.join(origins) or 'unknown'}")
     for w, cells in results.items():
         for lib, cell in cells.items():
@@ -888,9 +1194,13 @@ def report(results: dict[str, dict[str, Cell]], meta: dict[str, Any], ceiling: C
                 statuses = ", ".join(show_status(r.status, w) for r in cell.runs)
                 notes.append(f"- `{w}` / {LABELS[lib]}: {statuses} — {cell.error}")
             if any(r.info.get("exit_hung") for r in cell.runs):
-                notes.append(f"- `{w}` / {LABELS[lib]}: the interpreter did not exit after printing its result")
+                notes.append(
+                    f"- `{w}` / {LABELS[lib]}: the interpreter did not exit after printing its result"
+                )
             if any(r.info.get("left_processes") for r in cell.runs):
-                notes.append(f"- `{w}` / {LABELS[lib]}: left processes running after it exited (killed by compare.py)")
+                notes.append(
+                    f"- `{w}` / {LABELS[lib]}: left processes running after it exited (killed by compare.py)"
+                )
     if notes:
         out.append("## Notes from this run\n")
         out.extend(notes)
@@ -907,14 +1217,27 @@ def header(meta: dict[str, Any]) -> str:
         f"- Python {meta['python']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- pickmap source: git {meta['git']}",
-        *([f"- installed pickmap (first_call_installed rows): {meta['installed_venv']}"] if meta.get("installed_venv") else []),
+        *(
+            [f"- installed pickmap (first_call_installed rows): {meta['installed_venv']}"]
+            if meta.get("installed_venv")
+            else []
+        ),
         *([f"- dask cluster: {meta['dask']}"] if meta.get("dask") else []),
-        *([f"- data sizes and large item counts scaled by {meta['scale']:g} (--scale)"] if meta["scale"] != 1 else []),
+        *(
+            [f"- data sizes and large item counts scaled by {meta['scale']:g} (--scale)"]
+            if meta["scale"] != 1
+            else []
+        ),
         f"- {WORKERS} workers for every library; each measurement in a fresh interpreter (after one unrecorded warm-up "
         f"run per library; bytecode cached); the order of the libraries rotates from round to round; timeout "
         f"{meta['timeout']:g} s each",
-        *([f"- cpu workload: spin({meta['cpu_loops']}) calibrated to {meta['cpu_task_ms']:.1f} ms per task here"]
-          if meta["cpu_loops"] > 1 else []),
+        *(
+            [
+                f"- cpu workload: spin({meta['cpu_loops']}) calibrated to {meta['cpu_task_ms']:.1f} ms per task here"
+            ]
+            if meta["cpu_loops"] > 1
+            else []
+        ),
         f"- load average at start: {meta['load_start']}",
         "- timed: pool creation (pickmap: first pmap) up to the last results in hand; the import statement a user "
         "writes (counted only in the +import rows), building the data and the final teardown are excluded; what a "
@@ -933,7 +1256,9 @@ def header(meta: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- chart
-def chart(results: dict[str, dict[str, Cell]], libs: list[str], path: Path, meta: dict[str, Any]) -> None:
+def chart(
+    results: dict[str, dict[str, Cell]], libs: list[str], path: Path, meta: dict[str, Any]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -953,20 +1278,39 @@ def chart(results: dict[str, dict[str, Cell]], libs: list[str], path: Path, meta
             if cell is None:
                 continue
             if cell.median is None:
-                ax.text(x, floor * 1.15, show_status(cell.status, w), rotation=90, ha="center", va="bottom",
-                        fontsize=7, color=colors(i))  # fmt: skip
+                ax.text(
+                    x,
+                    floor * 1.15,
+                    show_status(cell.status, w),
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    color=colors(i),
+                )
                 continue
             xs.append(x)
             heights.append(cell.median)
-        ax.bar(xs, heights, width, label=LABELS[lib], color=colors(i),
-               edgecolor="black" if lib == "pickmap" else None, linewidth=1.2 if lib == "pickmap" else 0)  # fmt: skip
+        ax.bar(
+            xs,
+            heights,
+            width,
+            label=LABELS[lib],
+            color=colors(i),
+            edgecolor="black" if lib == "pickmap" else None,
+            linewidth=1.2 if lib == "pickmap" else 0,
+        )
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor, top=max(values) * 2.5 if values else 1.0)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names)
     ax.set_ylabel("seconds (median, log scale; lower is better)")
-    ax.set_title(f"pickmap vs peers — {WORKERS} workers, {meta['cpu']}, Python {meta['python']}", fontsize=10)
-    ax.legend(fontsize=8, ncol=len(libs), loc="upper center", bbox_to_anchor=(0.5, -0.07), frameon=False)
+    ax.set_title(
+        f"pickmap vs peers — {WORKERS} workers, {meta['cpu']}, Python {meta['python']}", fontsize=10
+    )
+    ax.legend(
+        fontsize=8, ncol=len(libs), loc="upper center", bbox_to_anchor=(0.5, -0.07), frameon=False
+    )
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -979,11 +1323,15 @@ def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = [n for n in names if n not in allowed]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none)'}; choose from {', '.join(allowed)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(unknown) or '(none)'}; choose from {', '.join(allowed)}"
+        )
     return names
 
 
-def _settings(only: list[str], args: argparse.Namespace, stack: contextlib.ExitStack, meta: dict[str, Any]) -> dict[str, Setting]:
+def _settings(
+    only: list[str], args: argparse.Namespace, stack: contextlib.ExitStack, meta: dict[str, Any]
+) -> dict[str, Setting]:
     """The interpreter and environment of each row that needs more than the default."""
     settings: dict[str, Setting] = {}
     installed = [w for w in only if w in INSTALLED_ROWS]
@@ -993,61 +1341,105 @@ def _settings(only: list[str], args: argparse.Namespace, stack: contextlib.ExitS
                 venv = Path(args.installed_venv)
                 python = venv / "bin" / "python"
             else:
-                venv, python = build_installed_venv(need_numpy="first_call_installed_np" in installed)
+                venv, python = build_installed_venv(
+                    need_numpy="first_call_installed_np" in installed
+                )
                 stack.callback(shutil.rmtree, venv, ignore_errors=True)
-            version = subprocess.run([str(python), "-c", "import pickmap; print(pickmap.__version__, pickmap.__file__)"],
-                                     capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=60).stdout.strip()  # fmt: skip
+            version = subprocess.run(
+                [str(python), "-c", "import pickmap; print(pickmap.__version__, pickmap.__file__)"],
+                capture_output=True,
+                text=True,
+                cwd=tempfile.gettempdir(),
+                timeout=60,
+            ).stdout.strip()
             meta["installed_venv"] = f"{venv} (pickmap {version})"
             setting = Setting(python=str(python), pycache=False)
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             setting = Setting(unavailable=f"no installed venv: {exc}")
             meta["installed_venv"] = f"unavailable: {exc}"
-        settings.update({w: setting for w in installed})
+        settings.update(dict.fromkeys(installed, setting))
     dask_rows = [w for w in only if w in DASK_ROWS]
     if dask_rows:
         print("starting a dask scheduler and two workers...", file=sys.stderr, flush=True)
         try:
             cluster = stack.enter_context(DaskCluster())
             setting = cluster.setting()
-            meta["dask"] = f"scheduler {cluster.address}, 2 x `dask worker --nthreads 1` (pids {','.join(map(str, cluster.pids))})"
+            meta["dask"] = (
+                f"scheduler {cluster.address}, 2 x `dask worker --nthreads 1` (pids {','.join(map(str, cluster.pids))})"
+            )
         except (OSError, RuntimeError, TimeoutError, subprocess.SubprocessError) as exc:
             setting = Setting(unavailable=f"no dask cluster: {exc}")
             meta["dask"] = f"unavailable: {exc}"
-        settings.update({w: setting for w in dask_rows})
+        settings.update(dict.fromkeys(dask_rows, setting))
     return settings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int,
-                        help="fresh-process repetitions per cell, every row (default: 3 for the original rows, 5 for "
-                             "the rows of issues 8, 10 and 11)")  # fmt: skip
-    parser.add_argument("--only", type=lambda v: _names(v, WORKLOADS, "workload"), default=list(WORKLOADS),
-                        help=f"comma-separated workloads (default all: {','.join(WORKLOADS)})")  # fmt: skip
-    parser.add_argument("--libs", type=lambda v: _names(v, LIBS, "library"), default=list(LIBS),
-                        help=f"comma-separated libraries (default all: {','.join(LIBS)})")  # fmt: skip
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help="fresh-process repetitions per cell, every row (default: 3 for the original rows, 5 for "
+        "the rows of issues 8, 10 and 11)",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda v: _names(v, WORKLOADS, "workload"),
+        default=list(WORKLOADS),
+        help=f"comma-separated workloads (default all: {','.join(WORKLOADS)})",
+    )
+    parser.add_argument(
+        "--libs",
+        type=lambda v: _names(v, LIBS, "library"),
+        default=list(LIBS),
+        help=f"comma-separated libraries (default all: {','.join(LIBS)})",
+    )
     parser.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
-    parser.add_argument("--chart", default=str(ROOT / "docs" / "performance.png"),
-                        help="bar chart path (default docs/performance.png; the data rows go to <name>-data.png "
-                             "beside it); 'none' to skip")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=120.0, help="hard limit per measurement, seconds (default 120)")
-    parser.add_argument("--retry-timeouts", action="store_true",
-                        help="repeat cells that timed out (default: a timeout is final, to save minutes)")  # fmt: skip
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply data sizes and large item counts (arrays, frame rows, 400 MB self, trivial and "
-                             "dask item counts) by this, for quick checks (default 1)")  # fmt: skip
-    parser.add_argument("--installed-venv", metavar="PATH",
-                        help="for the first_call_installed rows, use this venv (pickmap installed non-editable) instead "
-                             "of building a temporary one")  # fmt: skip
-    parser.add_argument("--ceiling-rounds", type=int, default=2,
-                        help="cpu_ceiling.py rounds after each round of the cpu row (default 2; 0 to skip)")  # fmt: skip
+    parser.add_argument(
+        "--chart",
+        default=str(ROOT / "docs" / "performance.png"),
+        help="bar chart path (default docs/performance.png; the data rows go to <name>-data.png "
+        "beside it); 'none' to skip",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="hard limit per measurement, seconds (default 120)",
+    )
+    parser.add_argument(
+        "--retry-timeouts",
+        action="store_true",
+        help="repeat cells that timed out (default: a timeout is final, to save minutes)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply data sizes and large item counts (arrays, frame rows, 400 MB self, trivial and "
+        "dask item counts) by this, for quick checks (default 1)",
+    )
+    parser.add_argument(
+        "--installed-venv",
+        metavar="PATH",
+        help="for the first_call_installed rows, use this venv (pickmap installed non-editable) instead "
+        "of building a temporary one",
+    )
+    parser.add_argument(
+        "--ceiling-rounds",
+        type=int,
+        default=2,
+        help="cpu_ceiling.py rounds after each round of the cpu row (default 2; 0 to skip)",
+    )
     args = parser.parse_args(argv)
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be >= 1")
     if args.scale <= 0:
         parser.error("--scale must be > 0")
     libs = sorted(args.libs, key=LIBS.index)
-    only = [w for w in sorted(args.only, key=WORKLOADS.index) if any(lib in libs for lib in ROW_LIBS[w])]
+    only = [
+        w for w in sorted(args.only, key=WORKLOADS.index) if any(lib in libs for lib in ROW_LIBS[w])
+    ]
     repeats = {w: args.repeat or DEFAULT_REPEAT[w] for w in only}
     # A SIGTERM unwinds like Ctrl-C, so the dask cluster and the temporary venv are cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -1059,8 +1451,13 @@ def main(argv: list[str] | None = None) -> int:
     task_ms = (time.perf_counter() - began) * 1e3
 
     meta: dict[str, Any] = {
-        "command": shlex.join(["python", os.path.relpath(sys.argv[0], ROOT) if argv is None else "benchmarks/compare.py",
-                               *(sys.argv[1:] if argv is None else argv)]),  # fmt: skip
+        "command": shlex.join(
+            [
+                "python",
+                os.path.relpath(sys.argv[0], ROOT) if argv is None else "benchmarks/compare.py",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
         "executable": sys.executable,
         "cpu": cpu_model(),
         "cores": usable_cores(),
@@ -1105,48 +1502,85 @@ def main(argv: list[str] | None = None) -> int:
             for w in only:
                 if rep >= repeats[w]:
                     continue
-                order = row_libs[w][rep % len(row_libs[w]):] + row_libs[w][:rep % len(row_libs[w])]
+                order = (
+                    row_libs[w][rep % len(row_libs[w]) :] + row_libs[w][: rep % len(row_libs[w])]
+                )
                 for lib in order:
                     done += 1
                     previous = runs[w][lib]
-                    if previous and previous[0].status in ("timeout", "n/a") and not args.retry_timeouts:
+                    if (
+                        previous
+                        and previous[0].status in ("timeout", "n/a")
+                        and not args.retry_timeouts
+                    ):
                         continue
                     timeout = max(args.timeout, MIN_TIMEOUT.get(w, 0.0))
                     run = measure(lib, w, cpu_loops, timeout, args.scale, settings.get(w))
                     run.info["round"] = rep
                     previous.append(run)
-                    shown = f"{run.seconds:.3f} s" if run.status == "ok" and run.seconds is not None else run.status
-                    print(f"[{done}/{total}] rep {rep + 1} {w:<15} {lib:<19} {shown}", file=sys.stderr, flush=True)
+                    shown = (
+                        f"{run.seconds:.3f} s"
+                        if run.status == "ok" and run.seconds is not None
+                        else run.status
+                    )
+                    print(
+                        f"[{done}/{total}] rep {rep + 1} {w:<15} {lib:<19} {shown}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 if w == "cpu" and args.ceiling_rounds > 0:
                     measured = run_ceiling(cpu_loops, args.ceiling_rounds, args.timeout)
                     if measured is not None:
                         ceiling.alone += measured[0]
                         ceiling.both += measured[1]
-                    print(f"[ceiling] rep {rep + 1} {'ok' if measured else 'failed'}", file=sys.stderr, flush=True)
+                    print(
+                        f"[ceiling] rep {rep + 1} {'ok' if measured else 'failed'}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         meta["wall_seconds"] = time.perf_counter() - wall
     meta["load_end"] = load_average()
 
     meta["git_end"] = git_revision()
     src_changed = src_tree() != meta["src_tree"]
     if src_changed:
-        print(f"WARNING: pickmap's source changed during the run ({meta['git']} -> {meta['git_end']})", file=sys.stderr)
+        print(
+            f"WARNING: pickmap's source changed during the run ({meta['git']} -> {meta['git_end']})",
+            file=sys.stderr,
+        )
     results: dict[str, dict[str, Cell]] = {}
     for w in only:
         results[w] = {lib: Cell(runs[w][lib]) for lib in runs[w]}
         if w in ("first_call", *INSTALLED_ROWS):
-            results[f"{w}+import"] = {lib: Cell([with_import(r) for r in runs[w][lib]]) for lib in runs[w]}
+            results[f"{w}+import"] = {
+                lib: Cell([with_import(r) for r in runs[w][lib]]) for lib in runs[w]
+            }
     print(report(results, meta, ceiling))
-    print(f"load average at end: {meta['load_end']}; the whole run took {meta['wall_seconds']:.0f} s")
+    print(
+        f"load average at end: {meta['load_end']}; the whole run took {meta['wall_seconds']:.0f} s"
+    )
     if src_changed:
-        print(f"WARNING: pickmap's source changed during the run: git {meta['git']} at start, {meta['git_end']} at end")
+        print(
+            f"WARNING: pickmap's source changed during the run: git {meta['git']} at start, {meta['git_end']} at end"
+        )
 
     if args.chart and args.chart.lower() != "none":
         path = Path(args.chart)
         for rows, chart_libs, target in (
-            ([w for w in results if w in (*ORIGINAL_ROWS, "first_call+import")], ORIGINAL_LIBS, path),
-            ([w for w in results if w in DATA_ROWS], ("floor", *DATA_LIBS), path.with_name(f"{path.stem}-data{path.suffix}")),
-        ):  # fmt: skip
-            subset = {w: {lib: c for lib, c in results[w].items() if lib in chart_libs} for w in rows}
+            (
+                [w for w in results if w in (*ORIGINAL_ROWS, "first_call+import")],
+                ORIGINAL_LIBS,
+                path,
+            ),
+            (
+                [w for w in results if w in DATA_ROWS],
+                ("floor", *DATA_LIBS),
+                path.with_name(f"{path.stem}-data{path.suffix}"),
+            ),
+        ):
+            subset = {
+                w: {lib: c for lib, c in results[w].items() if lib in chart_libs} for w in rows
+            }
             present = [lib for lib in chart_libs if any(lib in cells for cells in subset.values())]
             if subset and present:
                 chart(subset, present, target, meta)
@@ -1161,14 +1595,23 @@ def main(argv: list[str] | None = None) -> int:
                     lib: {
                         "median": cell.median,
                         "status": cell.status,
-                        "runs": [{"status": r.status, "seconds": r.seconds, "error": r.error, **r.info} for r in cell.runs],
+                        "runs": [
+                            {"status": r.status, "seconds": r.seconds, "error": r.error, **r.info}
+                            for r in cell.runs
+                        ],
                     }
                     for lib, cell in cells.items()
                 }
                 for w, cells in results.items()
             },
             "targets": {
-                t.workload: dict(zip(("measured", "verdict"), evaluate(t, results[t.workload], ceiling)))
+                t.workload: dict(
+                    zip(
+                        ("measured", "verdict"),
+                        evaluate(t, results[t.workload], ceiling),
+                        strict=False,
+                    )
+                )
                 for t in TARGETS
                 if t.workload in results
             },

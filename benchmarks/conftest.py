@@ -9,15 +9,16 @@ Without ``--benchmark-enable`` each benchmark runs once, as a smoke test.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import workloads`
 
-import pickmap  # noqa: E402
-import workloads  # noqa: E402
+import workloads
+
+import pickmap
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -90,18 +90,29 @@ print((time.perf_counter() - began) / {tasks})
 
 
 def _fresh_task_time(loops: int, imports: str) -> float:
-    code = _FRESH_RUN.format(imports=imports, here=str(Path(__file__).resolve().parent), tasks=TASKS_EACH, loops=loops)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    code = _FRESH_RUN.format(
+        imports=imports, here=str(Path(__file__).resolve().parent), tasks=TASKS_EACH, loops=loops
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     return float(done.stdout)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--loops", type=int, help="spin() loop count (default: calibrate here to ~20 ms)")
-    parser.add_argument("--no-fresh", action="store_true", help="skip the lean-vs-loaded interpreter comparison")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON line (per-round medians) instead of the text; compare.py reads it")  # fmt: skip
+    parser.add_argument(
+        "--loops", type=int, help="spin() loop count (default: calibrate here to ~20 ms)"
+    )
+    parser.add_argument(
+        "--no-fresh", action="store_true", help="skip the lean-vs-loaded interpreter comparison"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON line (per-round medians) instead of the text; compare.py reads it",
+    )
     args = parser.parse_args()
     loops = args.loops or workloads.calibrate_spin()
     alone: list[float] = []
@@ -114,10 +125,16 @@ def main() -> None:
         return
     task_alone, task_both = statistics.median(alone), statistics.median(both)
     print(f"spin({loops}); {args.rounds} rounds, alternating; median time per task:")
-    print(f"  alone (other core idle): {task_alone * 1000:.1f} ms  (rounds: {min(alone) * 1000:.1f}–{max(alone) * 1000:.1f})")
-    print(f"  both cores busy:         {task_both * 1000:.1f} ms  (rounds: {min(both) * 1000:.1f}–{max(both) * 1000:.1f})")
+    print(
+        f"  alone (other core idle): {task_alone * 1000:.1f} ms  (rounds: {min(alone) * 1000:.1f}–{max(alone) * 1000:.1f})"
+    )
+    print(
+        f"  both cores busy:         {task_both * 1000:.1f} ms  (rounds: {min(both) * 1000:.1f}–{max(both) * 1000:.1f})"
+    )
     print(f"  slowdown when both are busy: {task_both / task_alone:.3f}x")
-    print(f"  best ratio any 2-worker pool can reach on 48 tasks: {task_both / (2 * task_alone):.3f} x serial")
+    print(
+        f"  best ratio any 2-worker pool can reach on 48 tasks: {task_both / (2 * task_alone):.3f} x serial"
+    )
     if args.no_fresh:
         return
 
@@ -129,7 +146,9 @@ def main() -> None:
     task_lean, task_loaded = statistics.median(lean), statistics.median(loaded)
     print("fresh interpreters, one core busy, alternating; median time per task:")
     print(f"  nothing imported:                  {task_lean * 1000:.1f} ms")
-    print(f"  after import multiprocessing.pool: {task_loaded * 1000:.1f} ms  ({task_loaded / task_lean:.3f}x)")
+    print(
+        f"  after import multiprocessing.pool: {task_loaded * 1000:.1f} ms  ({task_loaded / task_lean:.3f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -72,7 +72,15 @@ IMPORTS = {
 # (so OpenBLAS has started its threads before any pool exists). Imported
 # before the library, untimed.
 NUMPY_WORKLOADS = frozenset(
-    ("big_items", "big_results", "big_self", "big_self_x3", "dataframe", "threads", "first_call_installed_np")
+    (
+        "big_items",
+        "big_results",
+        "big_self",
+        "big_self_x3",
+        "dataframe",
+        "threads",
+        "first_call_installed_np",
+    )
 )
 
 
@@ -85,27 +93,28 @@ def _import_first() -> float:
         import numpy  # noqa: F401
         import pandas  # noqa: F401
     began = time.perf_counter()
-    exec(IMPORTS.get(lib, ""), {})  # noqa: S102 - a fixed statement from the table above
+    exec(IMPORTS.get(lib, ""), {})
     return time.perf_counter() - began
 
 
 IMPORT_SECONDS = _import_first()
 
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import threading  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import resource
+import socket
+import statistics
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import workloads  # noqa: E402
+import workloads
 
 RESULT_MARKER = "PICKMAP-BENCH "
 # The result goes to a copy of the original stdout descriptor: a library may
@@ -116,20 +125,46 @@ _RESULT_FD = os.dup(1)
 WORKERS = 2
 
 WORKLOADS = (
-    "trivial", "big_method", "cpu", "first_call", "many_calls", "many_calls_reused", "lambda_closure",
+    "trivial",
+    "big_method",
+    "cpu",
+    "first_call",
+    "many_calls",
+    "many_calls_reused",
+    "lambda_closure",
     # issue 8: data at memory speed
-    "big_items", "big_results", "big_self", "big_self_x3", "dataframe", "threads",
-    "first_call_installed", "first_call_installed_np",
+    "big_items",
+    "big_results",
+    "big_self",
+    "big_self_x3",
+    "dataframe",
+    "threads",
+    "first_call_installed",
+    "first_call_installed_np",
     # issue 11: dask
-    "trivial_dask", "warm8_dask",
-)  # fmt: skip
+    "trivial_dask",
+    "warm8_dask",
+)
 LIBS = (
-    "pickmap", "serial", "pool", "ppe", "joblib", "pathos", "mpire",
-    "mpire_shared", "pool_per_thread", "floor",
-    "pickmap_cloudpickle", "pickmap_ppe", "pickmap_executor",  # issue 10
-    "pickmap_dask", "dask",  # issue 11
-)  # fmt: skip
-WARM_TIMED_CALLS = 20  # warm8_dask: timed calls after one untimed warm-up; the median call is reported
+    "pickmap",
+    "serial",
+    "pool",
+    "ppe",
+    "joblib",
+    "pathos",
+    "mpire",
+    "mpire_shared",
+    "pool_per_thread",
+    "floor",
+    "pickmap_cloudpickle",
+    "pickmap_ppe",
+    "pickmap_executor",  # issue 10
+    "pickmap_dask",
+    "dask",  # issue 11
+)
+WARM_TIMED_CALLS = (
+    20  # warm8_dask: timed calls after one untimed warm-up; the median call is reported
+)
 THREADS = 4
 THREAD_CALLS = 50
 
@@ -175,7 +210,9 @@ def build_workload(name: str, cpu_loops: int, scale: float = 1.0) -> Workload:
         # peer figures, ~10 ms a call, are of this kind). many_calls_reused:
         # the peers keep one pool for all 50 calls.
         data = list(range(8))
-        return Workload(workloads.square, data, 50, [x * x for x in data], pool_per_call=name == "many_calls")
+        return Workload(
+            workloads.square, data, 50, [x * x for x in data], pool_per_call=name == "many_calls"
+        )
     if name == "lambda_closure":
         # Defined here, in the __main__ script, as a user would write it.
         k = 3
@@ -220,7 +257,9 @@ def _proc_cpu_s(pid: int) -> float:
 
 
 def _cluster_pids() -> list[int]:
-    return [int(p) for p in os.environ.get("PICKMAP_BENCH_CLUSTER_PIDS", "").split(",") if p.strip()]
+    return [
+        int(p) for p in os.environ.get("PICKMAP_BENCH_CLUSTER_PIDS", "").split(",") if p.strip()
+    ]
 
 
 class Clock:
@@ -243,7 +282,9 @@ class Clock:
             self._hwm = _proc_status_kb("VmHWM")
             self._slack = self._hwm - _proc_status_kb("VmRSS")
             self._self = resource.getrusage(resource.RUSAGE_SELF)
-            self._cluster = {pid: (_proc_cpu_s(pid), _proc_status_kb("VmHWM", pid)) for pid in _cluster_pids()}
+            self._cluster = {
+                pid: (_proc_cpu_s(pid), _proc_status_kb("VmHWM", pid)) for pid in _cluster_pids()
+            }
         self.started = time.perf_counter()
 
     def per_call(self, median_seconds: float, calls: int) -> None:
@@ -260,8 +301,17 @@ class Clock:
                 "caller_hwm_slack_mb": self._slack / 1024,
             }
             if self._cluster:
-                self.usage["cluster_cpu_s"] = sum(_proc_cpu_s(pid) - cpu0 for pid, (cpu0, _) in self._cluster.items()) / self.calls
-                self.usage["cluster_peak_mb"] = max(_proc_status_kb("VmHWM", pid) - hwm0 for pid, (_, hwm0) in self._cluster.items()) / 1024
+                self.usage["cluster_cpu_s"] = (
+                    sum(_proc_cpu_s(pid) - cpu0 for pid, (cpu0, _) in self._cluster.items())
+                    / self.calls
+                )
+                self.usage["cluster_peak_mb"] = (
+                    max(
+                        _proc_status_kb("VmHWM", pid) - hwm0
+                        for pid, (_, hwm0) in self._cluster.items()
+                    )
+                    / 1024
+                )
         return self.median_call if self.median_call is not None else self.elapsed
 
 
@@ -277,7 +327,10 @@ def _reap_fork_server() -> None:
     dill-based fork pathos and pickmap's dill backend use) has a fork server of its own."""
     for package in ("multiprocessing", "multiprocess"):
         forkserver = sys.modules.get(f"{package}.forkserver")
-        if forkserver is not None and getattr(forkserver._forkserver, "_forkserver_pid", None) is not None:
+        if (
+            forkserver is not None
+            and getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
+        ):
             try:
                 forkserver._forkserver._stop()
             except (OSError, ChildProcessError):
@@ -291,10 +344,15 @@ def _big_items(scale: float) -> Workload:
     nbytes = workloads.scaled(workloads.ITEM_BYTES, scale)
     arrays = [np.full(nbytes // 8, float(i)) for i in range(workloads.ITEM_COUNT)]
     return Workload(
-        workloads.array_sum, arrays, 1, [float(a.sum()) for a in arrays],
-        shared=arrays, shared_func=workloads.shared_array_sum, shared_data=list(range(len(arrays))),
+        workloads.array_sum,
+        arrays,
+        1,
+        [float(a.sum()) for a in arrays],
+        shared=arrays,
+        shared_func=workloads.shared_array_sum,
+        shared_data=list(range(len(arrays))),
         nbytes=nbytes * len(arrays),
-    )  # fmt: skip
+    )
 
 
 def _big_results(scale: float) -> Workload:
@@ -306,34 +364,54 @@ def _big_results(scale: float) -> Workload:
     def check(results: list[Any]) -> bool:
         return len(results) == len(data) and all(
             isinstance(r, np.ndarray) and r.shape == (nbytes // 8,) and r[0] == i and r[-1] == i
-            for i, r in zip(data, results)
+            for i, r in zip(data, results, strict=False)
         )
 
-    return Workload(workloads.ArrayMaker(nbytes), data, 1, [], check=check, nbytes=nbytes * len(data))
+    return Workload(
+        workloads.ArrayMaker(nbytes), data, 1, [], check=check, nbytes=nbytes * len(data)
+    )
 
 
 def _big_self(scale: float, calls: int = 1) -> Workload:
     model = workloads.Model(workloads.scaled(workloads.SELF_BYTES, scale))
     data = list(range(workloads.SELF_ITEMS))
     return Workload(
-        model.predict, data, calls, [model.predict(i) for i in data], pool_per_call=calls > 1,
-        shared=model, shared_func=workloads.shared_predict, shared_data=data, nbytes=model.w.nbytes,
-    )  # fmt: skip
+        model.predict,
+        data,
+        calls,
+        [model.predict(i) for i in data],
+        pool_per_call=calls > 1,
+        shared=model,
+        shared_func=workloads.shared_predict,
+        shared_data=data,
+        nbytes=model.w.nbytes,
+    )
 
 
 def _dataframe(scale: float) -> Workload:
-    frame = workloads.make_frame(max(100 * workloads.FRAME_CHUNKS, int(workloads.FRAME_ROWS * scale)))
+    frame = workloads.make_frame(
+        max(100 * workloads.FRAME_CHUNKS, int(workloads.FRAME_ROWS * scale))
+    )
     chunks = workloads.split_frame(frame)
     expected = [workloads.group_agg(chunk) for chunk in chunks]
 
     def check(results: list[Any]) -> bool:
-        return len(results) == len(expected) and all(r.equals(e) for r, e in zip(results, expected))
+        return len(results) == len(expected) and all(
+            r.equals(e) for r, e in zip(results, expected, strict=False)
+        )
 
     return Workload(
-        workloads.group_agg, chunks, 1, [], check=check, mpire_wrap=True,
-        shared=frame, shared_func=workloads.shared_group_agg, shared_data=workloads.frame_bounds(len(frame)),
+        workloads.group_agg,
+        chunks,
+        1,
+        [],
+        check=check,
+        mpire_wrap=True,
+        shared=frame,
+        shared_func=workloads.shared_group_agg,
+        shared_data=workloads.frame_bounds(len(frame)),
         nbytes=int(frame.memory_usage(index=True).sum()),
-    )  # fmt: skip
+    )
 
 
 def _threads(scale: float) -> Workload:
@@ -369,8 +447,15 @@ def _pickmap_backend(lib: str) -> Any:
     if lib == "pickmap_executor":
         from concurrent.futures import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(WORKERS)  # the user's executor, created inside the timed region as peers' pools are
-    return {"pickmap": None, "pickmap_cloudpickle": "cloudpickle", "pickmap_ppe": "ppe", "pickmap_dask": "dask"}[lib]
+        return ProcessPoolExecutor(
+            WORKERS
+        )  # the user's executor, created inside the timed region as peers' pools are
+    return {
+        "pickmap": None,
+        "pickmap_cloudpickle": "cloudpickle",
+        "pickmap_ppe": "ppe",
+        "pickmap_dask": "dask",
+    }[lib]
 
 
 def _pickmap_kwargs(lib: str, backend: Any) -> dict[str, Any]:
@@ -386,7 +471,7 @@ def _start_method_now() -> str | None:
         from pickmap._settings import resolve_start_method
 
         return resolve_start_method(None)
-    except Exception:  # noqa: BLE001 - diagnostics only
+    except Exception:
         return None
 
 
@@ -395,20 +480,26 @@ def _pickmap_info(w: Workload, lib: str, start_method: str | None) -> dict[str, 
     import pickmap
 
     info: dict[str, Any] = {"start_method": start_method} if start_method else {}
-    info["pickmap_from"] = os.path.dirname(pickmap.__file__ or "")  # the checkout, or an installed copy
+    info["pickmap_from"] = os.path.dirname(
+        pickmap.__file__ or ""
+    )  # the checkout, or an installed copy
     if lib != "pickmap":
-        info["backend"] = {"pickmap_executor": "user executor"}.get(lib, lib.removeprefix("pickmap_"))
+        info["backend"] = {"pickmap_executor": "user executor"}.get(
+            lib, lib.removeprefix("pickmap_")
+        )
         return info
     try:
         from pickmap.probe import choose
 
         info["backend"] = choose(w.func, w.data[:1])[0]
-    except Exception:  # noqa: BLE001 - diagnostics only
+    except Exception:
         pass
     return info
 
 
-def run_pickmap(w: Workload, clock: Clock, lib: str = "pickmap") -> tuple[float, list[Any], float, dict[str, Any]]:
+def run_pickmap(
+    w: Workload, clock: Clock, lib: str = "pickmap"
+) -> tuple[float, list[Any], float, dict[str, Any]]:
     from pickmap import pmap
 
     start_method = _start_method_now() if lib in ("pickmap", "pickmap_cloudpickle") else None
@@ -462,7 +553,12 @@ def run_pool(w: Workload, clock: Clock) -> tuple[float, list[Any], float, dict[s
         pool.join()
     import multiprocessing
 
-    return elapsed, results, time.perf_counter() - down, {"start_method": multiprocessing.get_start_method()}
+    return (
+        elapsed,
+        results,
+        time.perf_counter() - down,
+        {"start_method": multiprocessing.get_start_method()},
+    )
 
 
 def run_ppe(w: Workload, clock: Clock) -> tuple[float, list[Any], float, dict[str, Any]]:
@@ -472,7 +568,9 @@ def run_ppe(w: Workload, clock: Clock) -> tuple[float, list[Any], float, dict[st
     executor = ProcessPoolExecutor(WORKERS)
     try:
         for _ in range(w.calls):
-            results = list(executor.map(w.func, w.data))  # default chunksize=1, as most users call it
+            results = list(
+                executor.map(w.func, w.data)
+            )  # default chunksize=1, as most users call it
         elapsed = clock.stop()
     finally:
         down = time.perf_counter()
@@ -609,7 +707,13 @@ def run_floor(w: Workload, clock: Clock) -> tuple[float, list[Any], float, dict[
         shm_s = time.perf_counter() - began
     finally:
         os.unlink(path)
-    info = {"copyto_s": copy_s, "copyto_fresh_s": copy_fresh_s, "socket_s": socket_s, "shm_s": shm_s, "nbytes": nbytes}
+    info = {
+        "copyto_s": copy_s,
+        "copyto_fresh_s": copy_fresh_s,
+        "socket_s": socket_s,
+        "shm_s": shm_s,
+        "nbytes": nbytes,
+    }
     return min(copy_s, socket_s, shm_s), None, 0.0, info
 
 
@@ -642,7 +746,9 @@ def run_dask(w: Workload, clock: Clock) -> tuple[float, list[Any], float, dict[s
     return elapsed, results, time.perf_counter() - down, {}
 
 
-def _pool_per_call(adapter: Callable[..., Any], w: Workload, clock: Clock) -> tuple[float, list[Any], float, dict[str, Any]]:
+def _pool_per_call(
+    adapter: Callable[..., Any], w: Workload, clock: Clock
+) -> tuple[float, list[Any], float, dict[str, Any]]:
     """``w.calls`` calls, each creating and closing its own pool: pool start and teardown are both timed."""
     one = dataclasses.replace(w, calls=1, pool_per_call=False)
     if adapter is run_joblib:
@@ -659,7 +765,7 @@ def _pool_per_call(adapter: Callable[..., Any], w: Workload, clock: Clock) -> tu
         return elapsed, results, 0.0, {"pool_per_call": "loky executor reused"}
     clock.start()
     for _ in range(w.calls):
-        seconds, results, teardown_s, extra = adapter(one, Clock(record=False))
+        _seconds, results, _teardown_s, extra = adapter(one, Clock(record=False))
     elapsed = clock.stop()  # includes every pool's start and teardown
     return elapsed, results, 0.0, {**extra, "pool_per_call": True}
 
@@ -669,11 +775,17 @@ def _pool_per_call(adapter: Callable[..., Any], w: Workload, clock: Clock) -> tu
 # threads. Libraries whose pool is safe to share get ONE pool for all threads
 # (as a user would share a module-level pool); mpire's WorkerPool is not
 # thread-safe, so it gets one per thread, like `pool_per_thread`.
-def _threads_ops(lib: str) -> tuple[Callable[[], Any], Callable[[Any, Workload], list[Any]], Callable[[Any], None]]:
+def _threads_ops(
+    lib: str,
+) -> tuple[Callable[[], Any], Callable[[Any, Workload], list[Any]], Callable[[Any], None]]:
     if lib == "pickmap":
         import pickmap
 
-        return (lambda: None), (lambda _, w: pickmap.pmap(w.func, w.data, workers=WORKERS)), (lambda _: pickmap.shutdown())
+        return (
+            (lambda: None),
+            (lambda _, w: pickmap.pmap(w.func, w.data, workers=WORKERS)),
+            (lambda _: pickmap.shutdown()),
+        )
     if lib == "serial":
         return (lambda: None), (lambda _, w: list(map(w.func, w.data))), (lambda _: None)
     if lib in ("pool", "pool_per_thread"):
@@ -709,7 +821,11 @@ def _threads_ops(lib: str) -> tuple[Callable[[], Any], Callable[[Any, Workload],
             pool.join()
             pool.clear()
 
-        return (lambda: ProcessPool(nodes=WORKERS)), (lambda pool, w: pool.map(w.func, w.data)), close_pathos
+        return (
+            (lambda: ProcessPool(nodes=WORKERS)),
+            (lambda pool, w: pool.map(w.func, w.data)),
+            close_pathos,
+        )
     if lib == "mpire":
         from mpire import WorkerPool
 
@@ -724,7 +840,9 @@ def _threads_ops(lib: str) -> tuple[Callable[[], Any], Callable[[Any, Workload],
 PER_THREAD_POOL = frozenset(("pool_per_thread", "mpire"))
 
 
-def run_threads(w: Workload, clock: Clock, lib: str) -> tuple[float, list[Any], float, dict[str, Any]]:
+def run_threads(
+    w: Workload, clock: Clock, lib: str
+) -> tuple[float, list[Any], float, dict[str, Any]]:
     """``w.threads`` caller threads, each making ``w.calls`` calls; timed until every thread is done."""
     open_pool, call, close_pool = _threads_ops(lib)
     per_thread = lib in PER_THREAD_POOL
@@ -741,8 +859,10 @@ def run_threads(w: Workload, clock: Clock, lib: str) -> tuple[float, list[Any], 
                         wrong.append(got)
             finally:
                 if per_thread:
-                    close_pool(own)  # inside the timed region: the thread's `with Pool(2) as p:` ends
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                    close_pool(
+                        own
+                    )  # inside the timed region: the thread's `with Pool(2) as p:` ends
+        except BaseException as exc:
             errors.append(exc)
 
     clock.start()
@@ -775,7 +895,10 @@ ADAPTERS = {
     "mpire_shared": run_mpire_shared,
     "floor": run_floor,
     "dask": run_dask,
-    **{lib: functools.partial(run_pickmap, lib=lib) for lib in ("pickmap_cloudpickle", "pickmap_ppe", "pickmap_executor", "pickmap_dask")},
+    **{
+        lib: functools.partial(run_pickmap, lib=lib)
+        for lib in ("pickmap_cloudpickle", "pickmap_ppe", "pickmap_executor", "pickmap_dask")
+    },
 }
 
 
@@ -788,8 +911,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lib", required=True, choices=LIBS)
     parser.add_argument("--workload", required=True, choices=WORKLOADS)
-    parser.add_argument("--cpu-loops", type=int, required=True, help="spin() loop count (from compare.py)")
-    parser.add_argument("--scale", type=float, default=1.0, help="data sizes and large item counts times this (default 1)")
+    parser.add_argument(
+        "--cpu-loops", type=int, required=True, help="spin() loop count (from compare.py)"
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="data sizes and large item counts times this (default 1)",
+    )
     args = parser.parse_args(argv)
 
     import_s = IMPORT_SECONDS
@@ -802,13 +932,18 @@ def main(argv: list[str] | None = None) -> int:
         adapter = ADAPTERS.get(args.lib)
         if workload.threads:
             seconds, results, teardown_s, extra = run_threads(workload, clock, args.lib)
-        elif workload.pool_per_call and args.lib in ADAPTERS and not args.lib.startswith("pickmap") and args.lib not in ("serial", "floor", "dask"):
+        elif (
+            workload.pool_per_call
+            and args.lib in ADAPTERS
+            and not args.lib.startswith("pickmap")
+            and args.lib not in ("serial", "floor", "dask")
+        ):
             seconds, results, teardown_s, extra = _pool_per_call(adapter, workload, clock)
         elif adapter is None:
             raise NotImplementedError(f"{args.lib} only runs the threads row")
         else:
             seconds, results, teardown_s, extra = adapter(workload, clock)
-    except BaseException as exc:  # noqa: BLE001 - a library that cannot run the workload "fails"
+    except BaseException as exc:
         out.update(
             status="fails",
             error=_first_line(exc),
@@ -816,7 +951,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback=traceback.format_exc(limit=-6),
         )
     else:
-        ok = results is None or workload.correct(results)  # None: the adapter checked its own results
+        ok = results is None or workload.correct(
+            results
+        )  # None: the adapter checked its own results
         out.update(status="ok" if ok else "wrong", seconds=seconds, teardown_s=teardown_s, **extra)
         if not ok:
             out["error"] = f"wrong results (first: {list(results)[:3]!r})"[:300]
@@ -827,11 +964,13 @@ def main(argv: list[str] | None = None) -> int:
             out["workers_cpu_s"] = children_cpu1 - children_cpu0
             out["workers_peak_mb"] = children_peak1
             if children_peak0:
-                out["workers_peak_before_mb"] = children_peak0  # a child reaped before the region set the floor
+                out["workers_peak_before_mb"] = (
+                    children_peak0  # a child reaped before the region set the floor
+                )
     line = (RESULT_MARKER + json.dumps(out) + "\n").encode()
     view = memoryview(line)
     while view:
-        view = view[os.write(_RESULT_FD, view):]
+        view = view[os.write(_RESULT_FD, view) :]
     return 0
 
 

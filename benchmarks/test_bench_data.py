@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from workloads import ArrayMaker, Model, array_sum
 
 from pickmap import pmap
-from workloads import ArrayMaker, Model, array_sum
 
 np = pytest.importorskip("numpy")
 
@@ -42,7 +42,9 @@ def test_big_items_sums_16_arrays_of_1_mb(benchmark, arrays: list[Any]) -> None:
     benchmark.group = "data: 16 x 1 MB arrays in, a float out"
     expected = [float(a.sum()) for a in arrays]
     pmap(array_sum, arrays[:2], workers=WORKERS)  # start the workers, cache the verdict
-    result = benchmark.pedantic(pmap, args=(array_sum, arrays), kwargs={"workers": WORKERS}, rounds=5, warmup_rounds=1)
+    result = benchmark.pedantic(
+        pmap, args=(array_sum, arrays), kwargs={"workers": WORKERS}, rounds=5, warmup_rounds=1
+    )
     assert result == expected
 
 
@@ -51,15 +53,23 @@ def test_big_results_returns_16_arrays_of_1_mb(benchmark) -> None:
     maker = ArrayMaker(ITEM_BYTES)
     data = list(range(ITEMS))
     pmap(maker, data[:2], workers=WORKERS)
-    result = benchmark.pedantic(pmap, args=(maker, data), kwargs={"workers": WORKERS}, rounds=5, warmup_rounds=1)
+    result = benchmark.pedantic(
+        pmap, args=(maker, data), kwargs={"workers": WORKERS}, rounds=5, warmup_rounds=1
+    )
     assert len(result) == ITEMS
-    assert all(r.shape == (ITEM_BYTES // 8,) and r[0] == i and r[-1] == i for i, r in enumerate(result))
+    assert all(
+        r.shape == (ITEM_BYTES // 8,) and r[0] == i and r[-1] == i for i, r in enumerate(result)
+    )
 
 
 def test_big_self_calls_a_method_of_a_40_mb_object_again(benchmark, model: Model) -> None:
     benchmark.group = "data: bound method of a 40 MB object, 200 items, repeated calls"
     data = list(range(SELF_ITEMS))
     expected = [model.predict(i) for i in data]
-    pmap(model.predict, data[:2], workers=WORKERS)  # the first call ships the object; the timed ones need not
-    result = benchmark.pedantic(pmap, args=(model.predict, data), kwargs={"workers": WORKERS}, rounds=5, warmup_rounds=1)
+    pmap(
+        model.predict, data[:2], workers=WORKERS
+    )  # the first call ships the object; the timed ones need not
+    result = benchmark.pedantic(
+        pmap, args=(model.predict, data), kwargs={"workers": WORKERS}, rounds=5, warmup_rounds=1
+    )
     assert result == expected

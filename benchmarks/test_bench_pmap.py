@@ -12,10 +12,10 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+from workloads import square
 
 import pickmap
 from pickmap import pmap
-from workloads import square
 
 pytestmark = pytest.mark.timeout(180)  # a pickmap hang fails the test instead of stalling the run
 
@@ -24,7 +24,14 @@ TRIVIAL = list(range(200_000))
 TRIVIAL_EXPECTED = [x * x for x in TRIVIAL]
 SMALL = list(range(8))
 SMALL_EXPECTED = [x * x for x in SMALL]
-BACKENDS = ["auto", *(b for b in ("stdlib", "cloudpickle", "dill", "thread", "serial") if b in pickmap.available_backends())]
+BACKENDS = [
+    "auto",
+    *(
+        b
+        for b in ("stdlib", "cloudpickle", "dill", "thread", "serial")
+        if b in pickmap.available_backends()
+    ),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -32,7 +39,9 @@ def test_trivial_200k(benchmark, backend: str) -> None:
     benchmark.group = "pmap: 200k items x*x, warm pool"
     kwargs = {"backend": backend, "workers": WORKERS}
     pmap(square, TRIVIAL[:1000], **kwargs)  # start the workers, cache the verdict
-    result = benchmark.pedantic(pmap, args=(square, TRIVIAL), kwargs=kwargs, rounds=5, warmup_rounds=1)
+    result = benchmark.pedantic(
+        pmap, args=(square, TRIVIAL), kwargs=kwargs, rounds=5, warmup_rounds=1
+    )
     assert result == TRIVIAL_EXPECTED
 
 

@@ -16,9 +16,9 @@ import pickle
 import cloudpickle
 import dill
 import pytest
+from workloads import BigHolder, make_closure, square
 
 from pickmap.probe import choose, try_backend
-from workloads import BigHolder, make_closure, square
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -42,7 +42,9 @@ def _library_round_trip(name: str, obj: object) -> object:
 
 def _probe_rung(name: str, obj: object) -> object:
     """One rung of pickmap's ladder: dumps, trial loads and the __main__ check."""
-    verdict = try_backend(name, obj, [])[0]  # (verdict, payload, ...): index, the tail has grown before
+    verdict = try_backend(name, obj, [])[
+        0
+    ]  # (verdict, payload, ...): index, the tail has grown before
     assert verdict.ok, verdict
     return obj
 

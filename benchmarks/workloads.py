@@ -9,8 +9,8 @@ count to every measurement, so all libraries run the same amount of CPU work.
 from __future__ import annotations
 
 import os
-from typing import Any
 import time
+from typing import Any
 
 BIG_BYTES = 50 * 2**20
 TARGET_TASK_SECONDS = 0.020

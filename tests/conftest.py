@@ -15,15 +15,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
 import pickmap
 from pickmap.registry import get_backend, registered_backends
 
-START_METHODS = tuple(m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods())
+START_METHODS = tuple(
+    m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()
+)
 
 
 def _loky_executor() -> Any:
@@ -85,7 +88,11 @@ def _cases() -> list[object]:
     installed = pickmap.available_backends()
     for name in registered_backends():
         if name not in installed:
-            cases.append(pytest.param(BackendCase(name, None), marks=pytest.mark.skip(f"{name} not installed")))
+            cases.append(
+                pytest.param(
+                    BackendCase(name, None), marks=pytest.mark.skip(f"{name} not installed")
+                )
+            )
             continue
         methods = START_METHODS if get_backend(name).start_methods else (None,)
         cases.extend(BackendCase(name, method) for method in methods)
@@ -137,11 +144,20 @@ class DaskCluster:
 
 
 def _start(args: list[str], log: Any) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, SRC, os.environ.get("PYTHONPATH", "")]))
-    env["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = "1"  # one retry: KilledWorker after two deaths
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([TESTS, SRC, os.environ.get("PYTHONPATH", "")])
+    )
+    env["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = (
+        "1"  # one retry: KilledWorker after two deaths
+    )
     # Its own session (process group), so teardown kills nannies and their workers together.
     return subprocess.Popen(
-        [sys.executable, "-m", *args], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        [sys.executable, "-m", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
 
 
@@ -164,38 +180,69 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskClust
     distributed = pytest.importorskip("distributed")
     folder = tmp_path_factory.mktemp("dask")
     scheduler_file = folder / "scheduler.json"
-    log = open(folder / "cluster.log", "wb")
-    processes = [_start(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                         "--scheduler-file", str(scheduler_file)], log)]  # fmt: skip
-    client = None
-    try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
-            assert processes[0].poll() is None, (folder / "cluster.log").read_text()
-            assert time.monotonic() < deadline, "the dask scheduler did not start within 60 s"
-            time.sleep(0.05)
-        address = json.loads(scheduler_file.read_text())["address"]
-        for _ in range(DASK_WORKERS):
-            # --death-timeout: a worker whose scheduler is gone exits on its own.
-            processes.append(_start(["distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard",
-                                     "--host", "127.0.0.1", "--death-timeout", "30"], log))  # fmt: skip
-        client = distributed.Client(address, timeout=30, set_as_default=False)
-        cluster = DaskCluster(address, client, processes)
-        cluster.wait_for_workers()
-        yield cluster
-    finally:
-        from pickmap.backends.dask import close_owned
+    with open(folder / "cluster.log", "wb") as log:
+        processes = [
+            _start(
+                [
+                    "distributed.cli.dask_scheduler",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--no-dashboard",
+                    "--scheduler-file",
+                    str(scheduler_file),
+                ],
+                log,
+            )
+        ]
+        client = None
+        try:
+            deadline = time.monotonic() + 60
+            while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+                assert processes[0].poll() is None, (folder / "cluster.log").read_text()
+                assert time.monotonic() < deadline, "the dask scheduler did not start within 60 s"
+                time.sleep(0.05)
+            address = json.loads(scheduler_file.read_text())["address"]
+            for _ in range(DASK_WORKERS):
+                # --death-timeout: a worker whose scheduler is gone exits on its own.
+                processes.append(
+                    _start(
+                        [
+                            "distributed.cli.dask_worker",
+                            address,
+                            "--nthreads",
+                            "1",
+                            "--no-dashboard",
+                            "--host",
+                            "127.0.0.1",
+                            "--death-timeout",
+                            "30",
+                        ],
+                        log,
+                    )
+                )
+            client = distributed.Client(address, timeout=30, set_as_default=False)
+            cluster = DaskCluster(address, client, processes)
+            cluster.wait_for_workers()
+            yield cluster
+        finally:
+            from pickmap.backends.dask import close_owned
 
-        close_owned()  # pickmap's own clients, before their scheduler goes
-        if client is not None:
-            client.close()
-        _stop(processes)
-        log.close()
+            close_owned()  # pickmap's own clients, before their scheduler goes
+            if client is not None:
+                client.close()
+            _stop(processes)
 
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in ("PICKMAP_BACKEND", "PICKMAP_WORKERS", "PICKMAP_START_METHOD", "PICKMAP_IDLE_TIMEOUT"):
+    for name in (
+        "PICKMAP_BACKEND",
+        "PICKMAP_WORKERS",
+        "PICKMAP_START_METHOD",
+        "PICKMAP_IDLE_TIMEOUT",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -222,7 +269,9 @@ def _uses_dask(item: pytest.Item) -> bool:
     return "dask" in item.nodeid.split("::")[0] or getattr(case, "name", None) == "dask"
 
 
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
     # Importing distributed installs tblib's copyreg reducers for every exception
     # class, process-wide, which changes how exceptions pickle for pickmap and
     # multiprocessing alike. The tests that need it run last, so every other test

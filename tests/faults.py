@@ -102,15 +102,18 @@ def backends_with(*flags: str) -> tuple[str, ...]:
 
     installed = pickmap.available_backends()
     return tuple(
-        name for name in registered_backends()
+        name
+        for name in registered_backends()
         if name in installed and all(getattr(get_backend(name), flag) for flag in flags)
-    )  # fmt: skip
+    )
 
 
 def start_methods() -> tuple[str, ...]:
     import multiprocessing
 
-    return tuple(m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods())
+    return tuple(
+        m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()
+    )
 
 
 # --------------------------------------------------------------------------- callables
@@ -202,7 +205,9 @@ class Recorder:
     has picked up its own item), items below ``fast`` return at once and the
     others sleep ``seconds``."""
 
-    def __init__(self, directory: str, bad: int | None, seconds: float, kind: str = "raise", fast: int = 0) -> None:
+    def __init__(
+        self, directory: str, bad: int | None, seconds: float, kind: str = "raise", fast: int = 0
+    ) -> None:
         self.directory = directory
         self.bad = bad
         self.seconds = seconds
@@ -266,7 +271,11 @@ class ForksAGrandchild:
 
 def grandchildren(directory: str) -> list[int]:
     """Pids a :class:`ForksAGrandchild` wrote into ``directory``."""
-    return [int(name.partition(".")[2]) for name in os.listdir(directory) if name.startswith("grandchild.")]
+    return [
+        int(name.partition(".")[2])
+        for name in os.listdir(directory)
+        if name.startswith("grandchild.")
+    ]
 
 
 def kill_pids(pids) -> None:
@@ -334,7 +343,11 @@ class Bomb:
         return (_load_bomb, (self.kind, self.stage, self.side))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Bomb) and (self.kind, self.stage, self.side) == (other.kind, other.stage, other.side)
+        return isinstance(other, Bomb) and (self.kind, self.stage, self.side) == (
+            other.kind,
+            other.stage,
+            other.side,
+        )
 
     def __hash__(self) -> int:
         return hash((self.kind, self.stage, self.side))
@@ -485,7 +498,6 @@ def describe_pids(pids) -> dict[int, str]:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
 
 
 # --------------------------------------------------------------------------- module state

@@ -10,7 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import multiprocessing.pool
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pickmap.backends._futures import FuturesWorker
 from pickmap.backends.base import Backend, Worker, WorkerStart
@@ -24,7 +25,9 @@ def _submit_to(pool: multiprocessing.pool.Pool) -> Callable[..., concurrent.futu
     def submit(fn: Callable[[Any], Any], arg: Any) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
-        pool.apply_async(fn, (arg,), callback=future.set_result, error_callback=future.set_exception)
+        pool.apply_async(
+            fn, (arg,), callback=future.set_result, error_callback=future.set_exception
+        )
         return future
 
     return submit

@@ -38,7 +38,12 @@ def run_cli(
     child_env["PYTHONIOENCODING"] = "utf-8"
     child_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "pickmap", *args], check=False, capture_output=True, text=True, timeout=60, env=child_env
+        [sys.executable, "-m", "pickmap", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env,
     )
 
 
@@ -91,14 +96,18 @@ def test_doctor_exits_1_and_says_how_to_fix_a_bad_start_method_variable() -> Non
     broken = [i for i, line in enumerate(lines) if line.startswith("✗")]
     assert len(broken) == 1 and lines[broken[0]].startswith("✗ start method:"), lines
     assert "sideways" in lines[broken[0]]
-    assert "PICKMAP_START_METHOD" in lines[broken[0] + 1] and lines[broken[0] + 1].startswith("    ")
+    assert "PICKMAP_START_METHOD" in lines[broken[0] + 1] and lines[broken[0] + 1].startswith(
+        "    "
+    )
     assert lines[-1].endswith("1 problem"), lines[-1]
 
 
 def test_doctor_verbose_adds_the_details_behind_the_lines() -> None:
     plain, verbose = run_cli("doctor"), run_cli("doctor", "-v")
     assert verbose.returncode == plain.returncode == 0, described(verbose)
-    assert concern_lines(verbose.stdout) == [line for line in verbose.stdout.splitlines()[1:-1] if line[:1] in MARKS]
+    assert concern_lines(verbose.stdout) == [
+        line for line in verbose.stdout.splitlines()[1:-1] if line[:1] in MARKS
+    ]
     details = [line for line in verbose.stdout.splitlines() if line.startswith("    • ")]
     assert not any(line.startswith("    • ") for line in plain.stdout.splitlines())
     text = "\n".join(details)
@@ -116,7 +125,12 @@ def test_doctor_reports_numpy_as_absent_without_importing_it() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env.update(PYTHONPATH=str(SRC), PYTHONIOENCODING="utf-8")
     done = subprocess.run(
-        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert done.returncode == 0, described(done)
     assert "✓ BLAS/OpenMP thread pools: numpy is not installed" in done.stdout
@@ -159,17 +173,32 @@ def test_explain_follows_a_backend_argument() -> None:
 
 
 BAD_INPUT = {
-    "unknown module": (["explain", "no_such_module_here:f"], "no module named 'no_such_module_here'"),
+    "unknown module": (
+        ["explain", "no_such_module_here:f"],
+        "no module named 'no_such_module_here'",
+    ),
     "no colon": (["explain", "zoo"], "MODULE:QUALNAME"),
-    "missing attribute": (["explain", "zoo:no_such_function"], "zoo has no attribute 'no_such_function'"),
-    "missing nested attribute": (["explain", "zoo:Scaler.nope"], "zoo.Scaler has no attribute 'nope'"),
+    "missing attribute": (
+        ["explain", "zoo:no_such_function"],
+        "zoo has no attribute 'no_such_function'",
+    ),
+    "missing nested attribute": (
+        ["explain", "zoo:Scaler.nope"],
+        "zoo.Scaler has no attribute 'nope'",
+    ),
     "local name": (["explain", "zoo:make_lambda.<locals>.<lambda>"], "inside a function"),
     "not callable": (["explain", "zoo:_INITIALIZED"], "is a list, not a callable"),
     "syntax error in items": (["explain", "zoo:square", "--items", "[1,"], "SyntaxError"),
     "undefined name in items": (["explain", "zoo:square", "--items", "nothing_here"], "NameError"),
     "items not iterable": (["explain", "zoo:square", "--items", "3"], "is an int, not iterable"),
-    "unknown backend": (["explain", "zoo:square", "--backend", "warp"], "unknown pickmap backend 'warp'"),
-    "module failing to import": (["explain", "cli_broken:f"], "raised RuntimeError: broken on purpose"),
+    "unknown backend": (
+        ["explain", "zoo:square", "--backend", "warp"],
+        "unknown pickmap backend 'warp'",
+    ),
+    "module failing to import": (
+        ["explain", "cli_broken:f"],
+        "raised RuntimeError: broken on purpose",
+    ),
     "module missing a dependency": (["explain", "cli_needs_missing:f"], "no_such_dependency_here"),
 }
 
@@ -211,14 +240,16 @@ def test_no_command_prints_usage_and_exits_2() -> None:
 
 # --------------------------------------------------------------------------- cgroup CPU quota
 @pytest.mark.parametrize(
-    "text, cpus", [("max 100000", None), ("150000 100000", 1.5), ("50000 100000", 0.5), ("max", None)]
+    "text, cpus",
+    [("max 100000", None), ("150000 100000", 1.5), ("50000 100000", 0.5), ("max", None)],
 )
 def test_cpu_max_parses_quota_over_period(text: str, cpus: float | None) -> None:
     assert _cli.parse_cpu_max(text) == cpus
 
 
 @pytest.mark.parametrize(
-    "quota, period, cpus", [("-1", "100000", None), ("200000", "100000", 2.0), ("25000", "50000", 0.5)]
+    "quota, period, cpus",
+    [("-1", "100000", None), ("200000", "100000", 2.0), ("25000", "50000", 0.5)],
 )
 def test_cfs_quota_parses_v1_numbers(quota: str, period: str, cpus: float | None) -> None:
     assert _cli.parse_cfs_quota(quota, period) == cpus
@@ -307,7 +338,9 @@ def test_start_method_line_names_the_thread_count_behind_the_default(
     assert f"runs {threads} thread" in check.summary
 
 
-def test_a_small_dev_shm_warns_with_the_docker_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_small_dev_shm_warns_with_the_docker_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     docker_default = types.SimpleNamespace(f_blocks=16384, f_bavail=16000, f_frsize=4096)  # 64 MiB
     monkeypatch.setattr(os, "statvfs", lambda path: docker_default)
     check = _cli.check_shm(str(tmp_path))
@@ -323,10 +356,14 @@ def test_a_missing_shm_directory_is_reported(tmp_path: Path) -> None:
 
 
 def ghost_entry() -> object:
-    return registry._Entry("ghost_backend_pkg.mod:GhostBackend", "pip install ghost-backend", ("ghost_backend_pkg",))
+    return registry._Entry(
+        "ghost_backend_pkg.mod:GhostBackend", "pip install ghost-backend", ("ghost_backend_pkg",)
+    )
 
 
-def test_a_backend_whose_package_is_missing_is_broken_with_its_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_backend_whose_package_is_missing_is_broken_with_its_install_hint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setitem(registry._REGISTRY, "ghost", ghost_entry())
     check = _cli.check_backend("ghost", pickmap.available_backends())
     assert check.status == _cli.BROKEN
@@ -334,10 +371,14 @@ def test_a_backend_whose_package_is_missing_is_broken_with_its_install_hint(monk
     assert check.fix == "pip install ghost-backend"
 
 
-def test_doctor_exits_1_when_a_registered_backend_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_doctor_exits_1_when_a_registered_backend_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setitem(registry._REGISTRY, "ghost", ghost_entry())
     # Not the real BLAS check: importing numpy here would make this test process multi-threaded.
-    monkeypatch.setattr(_cli, "check_thread_pools", lambda: _cli.Check(_cli.OK, "BLAS/OpenMP thread pools: skipped"))
+    monkeypatch.setattr(
+        _cli, "check_thread_pools", lambda: _cli.Check(_cli.OK, "BLAS/OpenMP thread pools: skipped")
+    )
     out = io.StringIO()
     assert _cli.doctor(verbose=False, out=out) == 1
     lines = out.getvalue().splitlines()
@@ -354,11 +395,17 @@ def test_installed_backends_name_their_serializer_and_package_versions() -> None
 
     check = _cli.check_backend("dill", installed)
     assert check.status == _cli.OK
-    assert f"dill {version('dill')}" in check.summary and f"multiprocess {version('multiprocess')}" in check.summary
+    assert (
+        f"dill {version('dill')}" in check.summary
+        and f"multiprocess {version('multiprocess')}" in check.summary
+    )
     assert "serializer dill" in check.summary
 
 
 def test_summary_counts_passes_warnings_and_problems() -> None:
     checks = [_cli.Check(_cli.OK, "a"), _cli.Check(_cli.OK, "b"), _cli.Check(_cli.WARN, "c", "fix")]
     assert _cli.summarize(checks) == "2 checks passed, 1 warning"
-    assert _cli.summarize([*checks, _cli.Check(_cli.BROKEN, "d", "fix")]) == "2 checks passed, 1 warning, 1 problem"
+    assert (
+        _cli.summarize([*checks, _cli.Check(_cli.BROKEN, "d", "fix")])
+        == "2 checks passed, 1 warning, 1 problem"
+    )

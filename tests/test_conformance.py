@@ -5,11 +5,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import zoo
 
 import pickmap
 from pickmap import RemoteTraceback, imap, pmap
-
-import zoo
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,7 +34,9 @@ def test_generator_input_of_unknown_length(backend):
 
 @pytest.mark.parametrize("chunksize", [1, 7, 10_000])
 def test_chunksize_does_not_change_results(backend, chunksize):
-    assert pmap(zoo.square, range(50), chunksize=chunksize, **backend.kwargs) == [i * i for i in range(50)]
+    assert pmap(zoo.square, range(50), chunksize=chunksize, **backend.kwargs) == [
+        i * i for i in range(50)
+    ]
 
 
 def test_imap_ordered_streams_in_input_order(backend):
@@ -43,7 +44,9 @@ def test_imap_ordered_streams_in_input_order(backend):
 
 
 def test_imap_unordered_yields_every_result_once(backend):
-    assert sorted(imap(zoo.square, range(100), ordered=False, **backend.kwargs)) == [i * i for i in range(100)]
+    assert sorted(imap(zoo.square, range(100), ordered=False, **backend.kwargs)) == [
+        i * i for i in range(100)
+    ]
 
 
 def test_imap_over_an_endless_generator_is_lazy(backend):
@@ -84,7 +87,13 @@ def test_pool_still_works_after_an_exception(backend):
 
 
 def test_initializer_runs_for_this_call_only(backend):
-    with_init = pmap(zoo.initialized_tags, range(4), initializer=zoo.initialize, initargs=("A",), **backend.kwargs)
+    with_init = pmap(
+        zoo.initialized_tags,
+        range(4),
+        initializer=zoo.initialize,
+        initargs=("A",),
+        **backend.kwargs,
+    )
     assert all("A" in tags for tags in with_init)
     # Workers that ran an initializer are retired: nothing leaks into later calls
     # (an executor's processes are its owner's: there the initializer's effects stay).
@@ -113,7 +122,9 @@ def test_large_items_and_results(backend):
 
 
 def test_return_exceptions_with_an_exception_that_cannot_travel(backend):
-    results = pmap(zoo.raise_unpicklable_exception, range(3), return_exceptions=True, **backend.kwargs)
+    results = pmap(
+        zoo.raise_unpicklable_exception, range(3), return_exceptions=True, **backend.kwargs
+    )
     assert len(results) == 3
     assert all(isinstance(r, BaseException) for r in results)
     if backend.processes:

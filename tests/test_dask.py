@@ -13,14 +13,15 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-import pytest
+from typing import Any
 
 import faults
-import pickmap
+import pytest
 import zoo
+
+import pickmap
 from pickmap import RemoteTraceback, WorkerCrashedError, explain, imap, pmap, registry
 from pickmap.backends import dask as dask_backend
 from pickmap.backends.dask import DaskBackend, DaskConnectionError, check_address
@@ -29,7 +30,9 @@ from pickmap.backends.dask import DaskBackend, DaskConnectionError, check_addres
 # importing it installs tblib's exception reducers process-wide (see conftest.py).
 pytestmark = [
     pytest.mark.timeout(60),
-    pytest.mark.skipif(importlib.util.find_spec("distributed") is None, reason="distributed not installed"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("distributed") is None, reason="distributed not installed"
+    ),
 ]
 
 
@@ -91,7 +94,11 @@ def scheduled_tasks(client: Any) -> list[str]:
     """Keys pickmap put on the scheduler (chunks and call setups) that it still holds."""
 
     def keys(dask_scheduler: Any) -> list[str]:
-        return [str(key) for key in dask_scheduler.tasks if str(key).startswith(("pickmap_task-", "pickmap_setup-"))]
+        return [
+            str(key)
+            for key in dask_scheduler.tasks
+            if str(key).startswith(("pickmap_task-", "pickmap_setup-"))
+        ]
 
     return client.run_on_scheduler(keys)
 
@@ -128,7 +135,9 @@ def test_a_main_function_runs_on_the_cluster(cluster):
         """
     )
     env = dict(os.environ, PICKMAP_DASK_ADDRESS=cluster.address)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[0, 3, 6, 9, 12]"
 
@@ -165,7 +174,9 @@ def test_unordered_streaming_from_a_generator_is_lazy_and_in_completion_order(cl
 
 
 # --------------------------------------------------------------------------- errors
-def test_an_exception_comes_back_as_itself_with_the_item_index_through_a_passed_client(dask_cluster):
+def test_an_exception_comes_back_as_itself_with_the_item_index_through_a_passed_client(
+    dask_cluster,
+):
     backend = DaskBackend(client=dask_cluster.client)
     with pytest.raises(ValueError, match="bad item 13") as caught:
         pmap(zoo.fail_on, [13] * 30, range(30), backend=backend)
@@ -217,7 +228,9 @@ def test_ctrl_c_cancels_the_calls_futures_on_the_cluster(cluster):
             pmap(index_and_pid, [0.5] * 40, range(40), chunksize=1, backend="dask")
     finally:
         interrupt.cancel()
-    assert eventually(lambda: scheduled_tasks(cluster.client) == []), scheduled_tasks(cluster.client)
+    assert eventually(lambda: scheduled_tasks(cluster.client) == []), scheduled_tasks(
+        cluster.client
+    )
 
 
 def test_keys_are_unique_per_call_so_equal_inputs_run_again(cluster, tmp_path: Path):
@@ -225,12 +238,14 @@ def test_keys_are_unique_per_call_so_equal_inputs_run_again(cluster, tmp_path: P
     first = pmap(count_run, [log] * 5, range(5), chunksize=1, backend="dask")
     second = pmap(count_run, [log] * 5, range(5), chunksize=1, backend="dask")
     assert first == second == [0, 2, 4, 6, 8]
-    assert sorted(Path(log).read_text().split()) == sorted("0 1 2 3 4".split() * 2)
+    assert sorted(Path(log).read_text().split()) == sorted(["0", "1", "2", "3", "4"] * 2)
 
 
 def test_nothing_of_a_finished_call_is_left_on_the_scheduler(cluster):
     assert pmap(zoo.square, range(50), chunksize=5, backend="dask") == [i * i for i in range(50)]
-    assert eventually(lambda: scheduled_tasks(cluster.client) == []), scheduled_tasks(cluster.client)
+    assert eventually(lambda: scheduled_tasks(cluster.client) == []), scheduled_tasks(
+        cluster.client
+    )
 
 
 # --------------------------------------------------------------------------- finding the cluster
@@ -240,7 +255,9 @@ def test_the_client_active_in_the_process_is_used_when_no_address_is_set(dask_cl
 
     with distributed.Client(dask_cluster.address, timeout=30) as active:
         assert DaskBackend().find_client(start=False) is active
-        pids = {pid for _, pid in pmap(index_and_pid, [0.05] * 8, range(8), chunksize=1, backend="dask")}
+        pids = {
+            pid for _, pid in pmap(index_and_pid, [0.05] * 8, range(8), chunksize=1, backend="dask")
+        }
     assert pids <= dask_cluster.worker_pids()
 
 
@@ -256,7 +273,9 @@ def test_a_local_cluster_starts_when_nothing_is_configured_and_closes_at_exit():
         """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "DASK_"))}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     before, result, after = done.stdout.splitlines()
     assert before.startswith("a dask LocalCluster it starts on first use")
@@ -280,7 +299,13 @@ def test_explain_reports_the_scheduler_address_and_the_worker_and_thread_counts(
 
 def test_doctor_shows_the_scheduler_when_the_address_is_set(cluster):
     env = dict(os.environ, PICKMAP_DASK_ADDRESS=cluster.address)
-    done = subprocess.run([sys.executable, "-m", "pickmap", "doctor"], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "pickmap", "doctor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     line = next(line for line in done.stdout.splitlines() if "backend dask:" in line)
     assert f"the dask scheduler at {cluster.address} (2 workers, 2 threads)" in line, done.stdout
 
@@ -293,8 +318,14 @@ def test_an_unreachable_address_fails_fast_naming_the_address_and_the_variables(
         with pytest.raises(DaskConnectionError) as caught:
             pmap(zoo.square, range(3), backend="dask")
     message = str(caught.value)
-    assert address in message and "PICKMAP_DASK_ADDRESS" in message and "PICKMAP_DASK_TIMEOUT" in message
-    assert isinstance(caught.value, ConnectionError) and isinstance(caught.value, pickmap.PickmapError)
+    assert (
+        address in message
+        and "PICKMAP_DASK_ADDRESS" in message
+        and "PICKMAP_DASK_TIMEOUT" in message
+    )
+    assert isinstance(caught.value, ConnectionError) and isinstance(
+        caught.value, pickmap.PickmapError
+    )
 
 
 class socket_nobody_listens_on:
@@ -312,7 +343,14 @@ class socket_nobody_listens_on:
 
 
 @pytest.mark.parametrize(
-    "address", ["127.0.0.1:8786", "tcp://127.0.0.1", "http://127.0.0.1:8786", "tcp://127.0.0.1:99999", "tcp://:8786"]
+    "address",
+    [
+        "127.0.0.1:8786",
+        "tcp://127.0.0.1",
+        "http://127.0.0.1:8786",
+        "tcp://127.0.0.1:99999",
+        "tcp://:8786",
+    ],
 )
 def test_a_malformed_address_is_a_value_error_before_anything_connects(monkeypatch, address):
     monkeypatch.setenv("PICKMAP_DASK_ADDRESS", address)
@@ -322,8 +360,16 @@ def test_a_malformed_address_is_a_value_error_before_anything_connects(monkeypat
     assert address not in dask_backend._OWNED
 
 
-@pytest.mark.parametrize("address", ["tcp://127.0.0.1:8786", "tls://scheduler.example:8786", "tcp://[::1]:8786",
-                                     "ucx://10.0.0.1:13337", "inproc://10.0.0.1/4242/1"])  # fmt: skip
+@pytest.mark.parametrize(
+    "address",
+    [
+        "tcp://127.0.0.1:8786",
+        "tls://scheduler.example:8786",
+        "tcp://[::1]:8786",
+        "ucx://10.0.0.1:13337",
+        "inproc://10.0.0.1/4242/1",
+    ],
+)
 def test_well_formed_addresses_are_accepted(address):
     assert check_address(address) == address
 
@@ -338,11 +384,15 @@ def test_a_bad_timeout_is_a_value_error_naming_the_variable(monkeypatch):
 def test_selecting_dask_without_distributed_raises_with_the_install_hint(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        registry.importlib.util, "find_spec", lambda name, *args: None if name == "distributed" else real_find_spec(name, *args)
+        registry.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "distributed" else real_find_spec(name, *args),
     )
     monkeypatch.setattr(registry, "_FOUND", set())
     monkeypatch.delitem(registry._INSTANCES, "dask", raising=False)
     assert "dask" not in pickmap.available_backends()
-    with pytest.raises(pickmap.BackendUnavailableError, match=r'pip install "pickmap\[dask\]"') as caught:
+    with pytest.raises(
+        pickmap.BackendUnavailableError, match=r'pip install "pickmap\[dask\]"'
+    ) as caught:
         pmap(zoo.square, range(3), backend="dask")
     assert isinstance(caught.value, ImportError)

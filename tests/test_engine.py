@@ -9,13 +9,12 @@ import time
 
 import numpy
 import pytest
+import zoo
 
 import pickmap
 from pickmap import imap, pmap
 from pickmap import pool as pools
 from pickmap.chunking import MAX_ADAPTIVE, Chunker
-
-import zoo
 
 pytestmark = pytest.mark.timeout(60)
 PROCESS = ("stdlib", "cloudpickle", "dill")
@@ -89,7 +88,9 @@ def test_idle_exit_racing_a_new_call_loses_no_chunk(monkeypatch):
     pickmap.shutdown()
     monkeypatch.setenv("PICKMAP_IDLE_TIMEOUT", "0.05")
     for pause in (0.03, 0.045, 0.05, 0.055, 0.07) * 3:
-        assert pmap(zoo.square, range(12), backend="stdlib", workers=2, chunksize=1) == [i * i for i in range(12)]
+        assert pmap(zoo.square, range(12), backend="stdlib", workers=2, chunksize=1) == [
+            i * i for i in range(12)
+        ]
         time.sleep(pause)
     pickmap.shutdown()
 
@@ -138,7 +139,9 @@ def test_slow_chunks_are_not_queued_ahead_near_the_end():
             break
         decisions.append((len(got[1]), prefetch))
     assert decisions[0] == (5, True)  # 47 items left: far from the end
-    assert [p for size, p in decisions if size < 5] == [False] * sum(1 for size, _ in decisions if size < 5)
+    assert [p for size, p in decisions if size < 5] == [False] * sum(
+        1 for size, _ in decisions if size < 5
+    )
     assert decisions[-1] == (1, False)  # the tail goes one chunk per worker at a time
 
 
@@ -231,7 +234,12 @@ def _segments():
     from pickmap import _shm
 
     mine = f"pickmap-{os.getpid()}-"
-    return {name for folder in _shm.segment_dirs() for name in os.listdir(folder) if name.startswith(mine)}
+    return {
+        name
+        for folder in _shm.segment_dirs()
+        for name in os.listdir(folder)
+        if name.startswith(mine)
+    }
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
@@ -240,10 +248,15 @@ def test_a_large_callable_is_shared_once_across_calls_and_removed_with_its_objec
     before = _segments()
     expected = [len(big.data) + i for i in range(20)]
     for _ in range(3):
-        assert pmap(big.size_plus, range(20), backend="stdlib", workers=2, start_method=method) == expected
+        assert (
+            pmap(big.size_plus, range(20), backend="stdlib", workers=2, start_method=method)
+            == expected
+        )
     kept = _segments() - before
     assert len(kept) == 1  # one copy in shared memory, served to every call
-    assert pmap(big.size_plus, range(20), backend="stdlib", workers=2, start_method=method) == expected
+    assert (
+        pmap(big.size_plus, range(20), backend="stdlib", workers=2, start_method=method) == expected
+    )
     assert _segments() - before == kept
     with pytest.raises(ValueError):
         pmap(big.fail, range(20), backend="cloudpickle", workers=2, start_method=method)
@@ -255,7 +268,7 @@ def test_a_large_callable_is_shared_once_across_calls_and_removed_with_its_objec
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_an_object_changed_between_calls_is_sent_again(method):
     big = zoo.Big()
-    kw = dict(backend="stdlib", workers=2, start_method=method, chunksize=1)
+    kw = {"backend": "stdlib", "workers": 2, "start_method": method, "chunksize": 1}
     first = int(big.data[0])
     assert pmap(big.first_byte_plus_offset, [0, 0, 0], **kw) == [first] * 3
     assert pmap(big.first_byte_plus_offset, [0, 0, 0], **kw) == [first] * 3
@@ -314,11 +327,18 @@ def test_concurrent_callers_share_the_configured_workers_and_get_their_own_resul
             if n == 3:  # one item, so no busy worker is killed (which would start a replacement)
                 pmap(zoo.fail_on, [0], [0], backend="stdlib", workers=2, start_method=method)
             for _ in range(5):
-                got = pmap(zoo.pid_and_square, range(n * 100, n * 100 + 40), backend="stdlib", workers=2,
-                           start_method=method)  # fmt: skip
-                assert [square for _, square in got] == [i * i for i in range(n * 100, n * 100 + 40)]
+                got = pmap(
+                    zoo.pid_and_square,
+                    range(n * 100, n * 100 + 40),
+                    backend="stdlib",
+                    workers=2,
+                    start_method=method,
+                )
+                assert [square for _, square in got] == [
+                    i * i for i in range(n * 100, n * 100 + 40)
+                ]
                 results.setdefault(n, set()).update(pid for pid, _ in got)  # type: ignore[union-attr]
-        except BaseException as exc:  # noqa: BLE001 - checked below
+        except BaseException as exc:
             results[n] = exc
 
     threads = [threading.Thread(target=caller, args=(n,)) for n in range(4)]
@@ -337,8 +357,10 @@ def test_concurrent_callers_share_the_configured_workers_and_get_their_own_resul
 def test_two_imaps_zipped_in_one_thread_both_finish(workers):
     # The first holds the shared pool's workers while it is paused at a yield;
     # the second must not wait for it forever.
-    kw = dict(backend="stdlib", workers=workers, chunksize=1, start_method="fork")
-    pairs = list(zip(imap(time.sleep, [0.001] * 30, **kw), imap(abs, range(-30, 0), **kw)))
+    kw = {"backend": "stdlib", "workers": workers, "chunksize": 1, "start_method": "fork"}
+    pairs = list(
+        zip(imap(time.sleep, [0.001] * 30, **kw), imap(abs, range(-30, 0), **kw), strict=False)
+    )
     assert [b for _, b in pairs] == list(range(30, 0, -1))
 
 
@@ -346,12 +368,14 @@ def test_two_imaps_zipped_in_one_thread_both_finish(workers):
 def test_a_paused_imap_does_not_hold_up_a_call_in_another_thread():
     import threading
 
-    kw = dict(backend="stdlib", workers=2, chunksize=1, start_method="fork")
+    kw = {"backend": "stdlib", "workers": 2, "chunksize": 1, "start_method": "fork"}
     paused = imap(abs, range(100), **kw)
     next(paused)  # it holds workers now, and its consumer goes away for a while
     done = threading.Event()
     got: list[int] = []
-    thread = threading.Thread(target=lambda: (got.extend(pmap(abs, range(-20, 0), **kw)), done.set()))
+    thread = threading.Thread(
+        target=lambda: (got.extend(pmap(abs, range(-20, 0), **kw)), done.set())
+    )
     thread.start()
     assert done.wait(20), "the other thread's call waited for the paused imap"
     thread.join()
@@ -361,7 +385,9 @@ def test_a_paused_imap_does_not_hold_up_a_call_in_another_thread():
 
 def test_an_abandoned_imap_leaves_no_result_segment_behind():
     for _ in range(3):
-        results = imap(bytearray, [300_000] * 20, backend="stdlib", workers=2, chunksize=1, start_method="fork")
+        results = imap(
+            bytearray, [300_000] * 20, backend="stdlib", workers=2, chunksize=1, start_method="fork"
+        )
         next(results)
         time.sleep(0.2)  # let the workers write results that will never be read
         results.close()

@@ -64,7 +64,10 @@ def signal_then_wait(started: threading.Event, release: threading.Event) -> bool
 
 
 def record(
-    log: list[str], name: str, started: threading.Event | None = None, release: threading.Event | None = None
+    log: list[str],
+    name: str,
+    started: threading.Event | None = None,
+    release: threading.Event | None = None,
 ) -> None:
     log.append(name)
     if started is not None and release is not None:
@@ -150,13 +153,17 @@ def test_each_of_many_submissions_gets_its_own_result(executor: Executor) -> Non
     assert [f.result(timeout=30) for f in futures] == [i * 10 for i in range(50)]
 
 
-def test_submissions_of_different_callables_interleaved_get_their_own_results(executor: Executor) -> None:
+def test_submissions_of_different_callables_interleaved_get_their_own_results(
+    executor: Executor,
+) -> None:
     futures = [executor.submit(mul if i % 2 else capture, i, 3) for i in range(20)]
     expected = [i * 3 if i % 2 else ((i, 3), {}) for i in range(20)]
     assert [f.result(timeout=30) for f in futures] == expected
 
 
-def test_an_exception_from_fn_is_the_futures_exception_and_others_are_unaffected(executor: Executor) -> None:
+def test_an_exception_from_fn_is_the_futures_exception_and_others_are_unaffected(
+    executor: Executor,
+) -> None:
     good_before = executor.submit(divide, 1, 1)
     bad = executor.submit(divide, 1, 0)
     good_after = executor.submit(divide, 4, 2)
@@ -186,7 +193,9 @@ def test_a_base_exception_from_fn_reaches_its_future(executor: Executor) -> None
     assert executor.submit(mul, 2, 2).result(timeout=30) == 4
 
 
-def test_as_completed_yields_a_quick_task_before_a_slow_one_submitted_earlier(thread_executor: Executor) -> None:
+def test_as_completed_yields_a_quick_task_before_a_slow_one_submitted_earlier(
+    thread_executor: Executor,
+) -> None:
     release = threading.Event()
     slow = thread_executor.submit(release.wait, 30)
     quick = thread_executor.submit(release.wait, 0)  # same callable: both in one pickmap call
@@ -253,7 +262,9 @@ def test_submit_refuses_something_that_is_not_callable(executor: Executor) -> No
 # --------------------------------------------------------------------------- map
 @pytest.mark.parametrize("chunksize", [1, 3])
 def test_map_returns_results_in_input_order(executor: Executor, chunksize: int) -> None:
-    assert list(executor.map(pow, range(10), [2] * 10, chunksize=chunksize)) == [i**2 for i in range(10)]
+    assert list(executor.map(pow, range(10), [2] * 10, chunksize=chunksize)) == [
+        i**2 for i in range(10)
+    ]
 
 
 def test_map_stops_at_the_shortest_iterable(executor: Executor) -> None:
@@ -265,7 +276,9 @@ def test_map_of_an_empty_iterable_yields_nothing(executor: Executor) -> None:
 
 
 @pytest.mark.parametrize("chunksize", [1, 2])
-def test_an_exception_from_fn_reraises_from_map_at_that_item(executor: Executor, chunksize: int) -> None:
+def test_an_exception_from_fn_reraises_from_map_at_that_item(
+    executor: Executor, chunksize: int
+) -> None:
     results = executor.map(divide, [1, 2, 3, 4], [1, 1, 0, 1], chunksize=chunksize)
     assert next(results) == 1.0
     assert next(results) == 2.0
@@ -289,7 +302,9 @@ def test_map_timeout_with_chunks_raises_timeout_error() -> None:
             next(results)
 
 
-def test_closing_map_early_cancels_the_tasks_that_have_not_started(thread_executor: Executor) -> None:
+def test_closing_map_early_cancels_the_tasks_that_have_not_started(
+    thread_executor: Executor,
+) -> None:
     release = threading.Event()
     ran: list[int] = []
     blocker = thread_executor.submit(release.wait, 30)
@@ -444,7 +459,9 @@ def test_the_thread_and_serial_backends_run_in_this_process(name: str) -> None:
 
 
 def test_initializer_runs_in_the_worker_before_its_tasks() -> None:
-    with Executor(backend="stdlib", workers=1, initializer=remember, initargs=("ready",)) as executor:
+    with Executor(
+        backend="stdlib", workers=1, initializer=remember, initargs=("ready",)
+    ) as executor:
         assert executor.submit(initialized).result(timeout=30) == ["ready"]
     assert _initialized == []  # it ran in the worker, not here
 
@@ -464,7 +481,9 @@ def test_the_constructor_rejects_bad_arguments_at_once() -> None:
 
 # --------------------------------------------------------------------------- failures
 @pytest.mark.parametrize("kind", ["exit", "sigkill"])
-def test_a_killed_worker_raises_worker_crashed_error_and_the_executor_keeps_working(kind: str) -> None:
+def test_a_killed_worker_raises_worker_crashed_error_and_the_executor_keeps_working(
+    kind: str,
+) -> None:
     with Executor(backend="stdlib", workers=2) as executor:
         crashed = executor.submit(die, kind)
         error = crashed.exception(timeout=30)
@@ -498,8 +517,12 @@ def test_an_exception_that_cannot_be_rebuilt_arrives_as_worker_error() -> None:
     assert "TwoArgumentError" in error.exc_repr and "7: detail" in error.exc_repr
 
 
-def test_an_unpicklable_exception_on_the_thread_backend_arrives_as_itself(thread_executor: Executor) -> None:
-    assert isinstance(thread_executor.submit(raise_two_argument, 7).exception(timeout=30), TwoArgumentError)
+def test_an_unpicklable_exception_on_the_thread_backend_arrives_as_itself(
+    thread_executor: Executor,
+) -> None:
+    assert isinstance(
+        thread_executor.submit(raise_two_argument, 7).exception(timeout=30), TwoArgumentError
+    )
 
 
 def test_a_result_that_cannot_travel_raises_serialization_error_and_later_tasks_run() -> None:
@@ -575,7 +598,10 @@ def test_submit_from_an_atexit_hook_raises_runtime_error() -> None:
         """
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "runtime-error: cannot schedule new futures after interpreter shutdown"
+    assert (
+        done.stdout.strip()
+        == "runtime-error: cannot schedule new futures after interpreter shutdown"
+    )
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
@@ -602,7 +628,12 @@ def test_main_module_functions_and_lambdas_work_from_a_script(tmp_path: Any, met
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
     done = subprocess.run(
-        [sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["[0, 3, 6, 9]", "True True"]

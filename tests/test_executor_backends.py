@@ -7,19 +7,17 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
 import time
 
+import faults
 import pytest
+import zoo
 
 import pickmap
 from pickmap import TaskTimeoutError, WorkerCrashedError, pmap
-
-import faults
-import zoo
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,8 +91,9 @@ def test_lambdas_and_private_methods_travel_on_a_stdlib_process_pool_executor(ex
 
 def test_a_main_function_runs_on_a_spawn_executor(tmp_path):
     script = tmp_path / "main_on_executor.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import concurrent.futures, multiprocessing, pickmap
         def double(x):
             return 2 * x
@@ -102,17 +101,23 @@ def test_a_main_function_runs_on_a_spawn_executor(tmp_path):
             with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as ex:
                 print(pickmap.pmap(double, range(5), backend=ex))
         """
-    ))  # fmt: skip
+        )
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env["PYTHONPATH"] = os.path.join(ROOT, "src")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[0, 2, 4, 6, 8]"
 
 
 def test_a_nested_pmap_inside_an_executor_task_runs_in_place(executor):
     assert pmap(zoo.nested_pmap, [3, 4], backend=executor) == [5, 14]
-    assert pmap(zoo.nested_pmap, [3, 4], backend=concurrent.futures.ThreadPoolExecutor(2)) == [5, 14]
+    assert pmap(zoo.nested_pmap, [3, 4], backend=concurrent.futures.ThreadPoolExecutor(2)) == [
+        5,
+        14,
+    ]
 
 
 def test_explain_names_the_executor_and_its_capabilities(executor):

@@ -27,7 +27,9 @@ import textwrap
 import time
 from concurrent.futures import BrokenExecutor
 
+import faults
 import pytest
+from conftest import START_METHODS
 
 import pickmap
 from pickmap import (
@@ -40,9 +42,6 @@ from pickmap import (
     pmap,
 )
 
-import faults
-from conftest import START_METHODS
-
 # From the registry: every installed backend with worker processes pickmap owns,
 # and those that can kill a stuck task (a new backend gets these tests for free).
 PROCESS_BACKENDS = faults.backends_with("processes", "sticky")
@@ -51,10 +50,18 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SRC_DIR = os.path.join(os.path.dirname(TESTS_DIR), "src")
 
 PROMPT = 10.0  # seconds: "within seconds", with room for a loaded machine
-CRASH_EXITCODES = {"exit": faults.EXIT_CODE, "sigkill": -signal.SIGKILL, "segfault": -signal.SIGSEGV,
-                   "sigsegv": -signal.SIGSEGV}  # fmt: skip
-CRASH_WORDS = {"exit": f"exit code {faults.EXIT_CODE}", "sigkill": "SIGKILL", "segfault": "SIGSEGV",
-               "sigsegv": "SIGSEGV"}  # fmt: skip
+CRASH_EXITCODES = {
+    "exit": faults.EXIT_CODE,
+    "sigkill": -signal.SIGKILL,
+    "segfault": -signal.SIGSEGV,
+    "sigsegv": -signal.SIGSEGV,
+}
+CRASH_WORDS = {
+    "exit": f"exit code {faults.EXIT_CODE}",
+    "sigkill": "SIGKILL",
+    "segfault": "SIGSEGV",
+    "sigsegv": "SIGSEGV",
+}
 
 
 def _matrix(backends: tuple[str, ...] = PROCESS_BACKENDS) -> list[object]:
@@ -95,7 +102,7 @@ def assert_pool_works(backend: str, method: str) -> set[int]:
 
 
 class Clock:
-    def __enter__(self) -> "Clock":
+    def __enter__(self) -> Clock:
         self.start = time.monotonic()
         return self
 
@@ -158,7 +165,13 @@ def test_crash_in_a_timed_chunk_names_the_exact_item(backend, method):
 def test_crash_through_imap_unordered(backend, method):
     got = []
     with pytest.raises(WorkerCrashedError) as caught:
-        for value in imap(faults.CrashOn(9, "sigkill"), range(20), ordered=False, chunksize=1, **kw(backend, method)):
+        for value in imap(
+            faults.CrashOn(9, "sigkill"),
+            range(20),
+            ordered=False,
+            chunksize=1,
+            **kw(backend, method),
+        ):
             got.append(value)
     assert caught.value.indices == (9,)
     assert 81 not in got
@@ -171,7 +184,13 @@ def test_crash_with_return_exceptions_is_not_a_hang(backend, method):
     # return_exceptions collects what func raises; a dead worker raised nothing,
     # so the call ends (documented: a crash is never collected as a result).
     with Clock() as clock, pytest.raises(WorkerCrashedError) as caught:
-        pmap(faults.CrashOn(3, "exit"), range(6), chunksize=1, return_exceptions=True, **kw(backend, method))
+        pmap(
+            faults.CrashOn(3, "exit"),
+            range(6),
+            chunksize=1,
+            return_exceptions=True,
+            **kw(backend, method),
+        )
     assert caught.value.indices == (3,)
     assert clock.elapsed < PROMPT
     assert_pool_works(backend, method)
@@ -200,7 +219,9 @@ LETHAL_PICKLING = [
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("where,kind", LETHAL_PICKLING, ids=[f"{w}-{k}" for w, k in LETHAL_PICKLING])
+@pytest.mark.parametrize(
+    "where,kind", LETHAL_PICKLING, ids=[f"{w}-{k}" for w, k in LETHAL_PICKLING]
+)
 @pytest.mark.parametrize("backend,method", ROTATION)
 def test_lethal_pickling_fault_in_a_worker(backend, method, where, kind):
     func, items = _lethal_call(where, kind)
@@ -269,7 +290,7 @@ def test_item_whose_pickling_raises_names_index_and_type(backend, method):
 def test_first_item_that_cannot_be_pickled_fails_before_any_worker_starts(backend, method):
     pickmap.shutdown()
     children = faults.child_pids(os.getpid())
-    with pytest.raises(SerializationError, match="Bomb|pickling") as caught:
+    with pytest.raises(SerializationError, match=r"Bomb|pickling") as caught:
         pmap(faults.identity, [faults.Bomb("raise", "dump", "caller"), 1], **kw(backend, method))
     assert "thread" in caught.value.capable
     assert faults.child_pids(os.getpid()) == children
@@ -314,12 +335,19 @@ def test_item_whose_unpickling_raises_sets_the_index_attribute(backend, method):
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", ["raise", "sysexit"])
 @pytest.mark.parametrize("backend,method", ROTATION)
-def test_result_that_cannot_be_pickled_names_index_type_and_hint_and_pool_survives(backend, method, kind):
+def test_result_that_cannot_be_pickled_names_index_type_and_hint_and_pool_survives(
+    backend, method, kind
+):
     before = pids_of_a_warm_pool(backend, method)
     # On the warm pool, chunks alternate: items 1 and 3 go to the second
     # worker, which is idle again once it has reported item 3.
     with Clock() as clock, pytest.raises(SerializationError) as caught:
-        pmap(faults.ReturnBomb(3, kind, "dump", "worker"), range(4), chunksize=1, **kw(backend, method))
+        pmap(
+            faults.ReturnBomb(3, kind, "dump", "worker"),
+            range(4),
+            chunksize=1,
+            **kw(backend, method),
+        )
     assert clock.elapsed < PROMPT
     error = caught.value
     assert error.index == 3 and error.what == "Bomb" and error.backend == backend
@@ -335,7 +363,12 @@ def test_result_that_cannot_be_pickled_names_index_type_and_hint_and_pool_surviv
 @pytest.mark.parametrize("backend,method", ROTATION)
 def test_result_that_cannot_be_unpickled_in_the_caller(backend, method):
     with Clock() as clock, pytest.raises(SerializationError) as caught:
-        pmap(faults.ReturnBomb(3, "raise", "load", "caller"), range(6), chunksize=1, **kw(backend, method))
+        pmap(
+            faults.ReturnBomb(3, "raise", "load", "caller"),
+            range(6),
+            chunksize=1,
+            **kw(backend, method),
+        )
     assert clock.elapsed < PROMPT
     assert caught.value.index == 3
     assert "Bomb" in str(caught.value), str(caught.value)
@@ -347,7 +380,12 @@ def test_result_that_cannot_be_unpickled_in_the_caller(backend, method):
 @pytest.mark.parametrize("backend,method", FORK)
 def test_result_whose_unpickling_calls_sys_exit_in_the_caller(backend, method):
     with pytest.raises(SystemExit):
-        pmap(faults.ReturnBomb(3, "sysexit", "load", "caller"), range(6), chunksize=1, **kw(backend, method))
+        pmap(
+            faults.ReturnBomb(3, "sysexit", "load", "caller"),
+            range(6),
+            chunksize=1,
+            **kw(backend, method),
+        )
     assert_pool_works(backend, method)
 
 
@@ -413,7 +451,9 @@ def test_timeout_is_per_task_and_the_stuck_worker_is_replaced(backend, method, t
 def test_timeout_counts_each_task_not_the_whole_call():
     # 12 items of 0.25 s on 2 workers, in chunks of 4: every chunk and the
     # call take longer than the timeout, no single item does.
-    got = pmap(faults.sleep_for, [0.25] * 12, range(12), chunksize=4, timeout=0.8, **kw("stdlib", "fork"))
+    got = pmap(
+        faults.sleep_for, [0.25] * 12, range(12), chunksize=4, timeout=0.8, **kw("stdlib", "fork")
+    )
     assert got == list(range(12))
 
 
@@ -428,7 +468,9 @@ def test_a_killed_workers_progress_never_times_out_its_successor(method):
         pmap(faults.sleep_for, [30.0], [0], timeout=0.3, **kw("stdlib", method, workers=1))
     gc.collect()  # free the dead worker's handle, and with it its slot
     time.sleep(0.5)  # the stale start time is now older than the next timeout
-    got = pmap(faults.sleep_for, [0.05] * 4, range(4), timeout=0.5, **kw("stdlib", method, workers=1))
+    got = pmap(
+        faults.sleep_for, [0.05] * 4, range(4), timeout=0.5, **kw("stdlib", method, workers=1)
+    )
     assert got == [0, 1, 2, 3]
 
 
@@ -458,13 +500,19 @@ def test_timeout_covers_a_callable_that_is_slow_to_unpickle():
 
 
 # =========================================================================== fail fast
-FAIL_FAST = [("raise", faults.Boom, {}), ("exit", WorkerCrashedError, {}), ("hang", TaskTimeoutError, {"timeout": 1})]
+FAIL_FAST = [
+    ("raise", faults.Boom, {}),
+    ("exit", WorkerCrashedError, {}),
+    ("hang", TaskTimeoutError, {"timeout": 1}),
+]
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind,raised,extra", FAIL_FAST, ids=[f[0] for f in FAIL_FAST])
 @pytest.mark.parametrize("backend,method", FORK)
-def test_first_error_cancels_the_rest_and_kills_busy_workers(backend, method, kind, raised, extra, tmp_path):
+def test_first_error_cancels_the_rest_and_kills_busy_workers(
+    backend, method, kind, raised, extra, tmp_path
+):
     # Item 0 fails (after 0.3 s); every other item would sleep 60 s.
     func = faults.Recorder(str(tmp_path), bad=0, seconds=60, kind=kind)
     with Clock() as clock, pytest.raises(raised):
@@ -484,15 +532,31 @@ def test_first_error_cancels_the_rest_and_kills_busy_workers(backend, method, ki
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend,method", FORK)
 def test_return_exceptions_collects_them_in_place(backend, method):
-    results = pmap(faults.RaiseOn(1, "needs-two-arguments"), range(6), chunksize=2, return_exceptions=True,
-                   **kw(backend, method))  # fmt: skip
+    results = pmap(
+        faults.RaiseOn(1, "needs-two-arguments"),
+        range(6),
+        chunksize=2,
+        return_exceptions=True,
+        **kw(backend, method),
+    )
     assert results[0] == 0 and results[2:] == [2, 3, 4, 5]
     assert isinstance(results[1], (faults.NeedsTwoArguments, WorkerError))
-    unpicklable = pmap(faults.RaiseOn(2, "holds-a-lock"), range(4), chunksize=4, return_exceptions=True,
-                       **kw(backend, method))  # fmt: skip
+    unpicklable = pmap(
+        faults.RaiseOn(2, "holds-a-lock"),
+        range(4),
+        chunksize=4,
+        return_exceptions=True,
+        **kw(backend, method),
+    )
     assert unpicklable[:2] == [0, 1] and unpicklable[3] == 3
     assert isinstance(unpicklable[2], WorkerError) and "HoldsALock" in unpicklable[2].exc_repr
-    crash_free = pmap(faults.CrashOn(4, "raise"), range(8), chunksize=3, return_exceptions=True, **kw(backend, method))
+    crash_free = pmap(
+        faults.CrashOn(4, "raise"),
+        range(8),
+        chunksize=3,
+        return_exceptions=True,
+        **kw(backend, method),
+    )
     assert isinstance(crash_free[4], faults.Boom)
     assert [r for i, r in enumerate(crash_free) if i != 4] == [i * i for i in range(8) if i != 4]
 
@@ -560,7 +624,9 @@ def _worker_pids(text: str) -> set[int]:
     return {int(pid) for pid in re.findall(r"WORKER (\d+) ", text)}
 
 
-CTRL_C_CASES = [pytest.param("stdlib", m, "group", id=f"stdlib-{m}-group") for m in START_METHODS] + [
+CTRL_C_CASES = [
+    pytest.param("stdlib", m, "group", id=f"stdlib-{m}-group") for m in START_METHODS
+] + [
     pytest.param("cloudpickle", "spawn", "group", id="cloudpickle-spawn-group"),
     pytest.param("dill", "forkserver", "group", id="dill-forkserver-group"),
     pytest.param("dill", "fork", "caller-only", id="dill-fork-caller-only"),
@@ -572,9 +638,12 @@ CTRL_C_CASES = [pytest.param("stdlib", m, "group", id=f"stdlib-{m}-group") for m
 def test_ctrl_c_propagates_and_no_worker_survives(backend, method, target):
     proc = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_CHILD, backend, method],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env(), cwd=TESTS_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_child_env(),
+        cwd=TESTS_DIR,
         start_new_session=True,  # its own process group, as a terminal's foreground job
-    )  # fmt: skip
+    )
     descendants: list[int] = []
     try:
         text = _read_until(proc, lambda t: len(_worker_pids(t)) >= 2, 60)
@@ -672,7 +741,9 @@ BAD_INPUT = [
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("api", ["pmap", "imap"])
-@pytest.mark.parametrize("arg,value,error,word", BAD_INPUT, ids=[f"{a}={v}" for a, v, _, _ in BAD_INPUT])
+@pytest.mark.parametrize(
+    "arg,value,error,word", BAD_INPUT, ids=[f"{a}={v}" for a, v, _, _ in BAD_INPUT]
+)
 def test_bad_input_fails_fast_before_any_worker_starts(api, arg, value, error, word):
     pickmap.shutdown()
     children = faults.child_pids(os.getpid())
@@ -681,7 +752,9 @@ def test_bad_input_fails_fast_before_any_worker_starts(api, arg, value, error, w
     call[arg] = value
     func = call.pop("func")
     with Clock() as clock, pytest.raises(error, match=word) as caught:
-        getattr(pickmap, api)(func, _untouched_input(log), **call)  # imap too: at the call, not at next()
+        getattr(pickmap, api)(
+            func, _untouched_input(log), **call
+        )  # imap too: at the call, not at next()
     assert clock.elapsed < 2
     if arg == "start_method":
         for method in START_METHODS:
@@ -714,7 +787,9 @@ def test_a_worker_that_forks_a_grandchild_and_exits_is_seen_dead_at_once(backend
         assert clock.elapsed < PROMPT
         assert caught.value.exitcode == faults.EXIT_CODE  # forkserver: reported by the fork server
         assert f"exit code {faults.EXIT_CODE}" in str(caught.value) and caught.value.indices == (1,)
-        assert [pid for pid in faults.grandchildren(str(tmp_path)) if faults.alive(pid)], "the grandchild must still live"
+        assert [pid for pid in faults.grandchildren(str(tmp_path)) if faults.alive(pid)], (
+            "the grandchild must still live"
+        )
     finally:
         faults.kill_pids(faults.grandchildren(str(tmp_path)))
     assert_pool_works(backend, method)
@@ -742,12 +817,14 @@ def no_shared_memory(monkeypatch):
     """Large buffers go through the pipe (as where /dev/shm cannot take them)."""
     from pickmap import _shm
 
-    monkeypatch.setattr(_shm, "segment_dirs", lambda: [])
+    monkeypatch.setattr(_shm, "segment_dirs", list)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend,method", ROTATION)
-def test_timeout_is_enforced_while_large_chunks_wait_for_a_worker_holding_the_gil(backend, method, no_shared_memory):
+def test_timeout_is_enforced_while_large_chunks_wait_for_a_worker_holding_the_gil(
+    backend, method, no_shared_memory
+):
     # Item 0 holds the GIL in a regex for minutes, so its worker's reader
     # thread cannot drain 4 MB chunks: the caller must never block writing.
     items = [0] + [b"x" * (4 << 20)] * 6
@@ -760,7 +837,9 @@ def test_timeout_is_enforced_while_large_chunks_wait_for_a_worker_holding_the_gi
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend,method", ROTATION)
-def test_a_worker_out_of_memory_for_a_chunk_is_a_crash_not_a_hang(backend, method, no_shared_memory, tmp_path):
+def test_a_worker_out_of_memory_for_a_chunk_is_a_crash_not_a_hang(
+    backend, method, no_shared_memory, tmp_path
+):
     # The worker's reader thread hits MemoryError on a 400 MB frame (RLIMIT_AS):
     # the worker exits, and the caller, in the middle of writing, sees a death.
     before = set(pmap(faults.pid_of, range(4), chunksize=1, **kw(backend, method, workers=1)))
@@ -778,8 +857,15 @@ def test_a_worker_out_of_memory_for_a_chunk_is_a_crash_not_a_hang(backend, metho
     # some runs the frame fits and the copy made while loading it does not,
     # which is a SerializationError naming the MemoryError. Never a hang.
     with Clock() as clock, pytest.raises((WorkerCrashedError, SerializationError)) as caught:
-        pmap(faults.identity, small_then_huge(), initializer=faults.limit_address_space, initargs=(16, str(flag)),
-             chunksize=1, timeout=5, **kw(backend, method, workers=1))  # fmt: skip
+        pmap(
+            faults.identity,
+            small_then_huge(),
+            initializer=faults.limit_address_space,
+            initargs=(16, str(flag)),
+            chunksize=1,
+            timeout=5,
+            **kw(backend, method, workers=1),
+        )
     assert clock.elapsed < PROMPT
     if isinstance(caught.value, SerializationError):
         assert "MemoryError" in str(caught.value), str(caught.value)
@@ -815,9 +901,13 @@ CTRL_C_TWICE_CHILD = textwrap.dedent(
 def test_ctrl_c_twice_in_a_session_that_catches_it_leaves_no_worker_running(backend, method):
     proc = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_TWICE_CHILD, backend, method],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env(), cwd=TESTS_DIR,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_child_env(),
+        cwd=TESTS_DIR,
         start_new_session=True,
-    )  # fmt: skip
+    )
     workers: set[int] = set()
     try:
         text = _read_until(proc, lambda t: len(_worker_pids(t)) >= 4, 60)

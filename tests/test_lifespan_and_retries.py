@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import collections
 import os
-
-import pytest
-
-from pickmap import WorkerCrashedError, pmap
+import pathlib
 
 import faults
+import pytest
 from conftest import START_METHODS
+
+from pickmap import WorkerCrashedError, pmap
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,7 +46,14 @@ class CountsRuns:
 
 @pytest.mark.parametrize("method", START_METHODS)
 def test_a_worker_is_replaced_after_its_share_of_items(method):
-    pids = pmap(faults.pid_of, range(20), backend="stdlib", workers=2, start_method=method, max_tasks_per_worker=3)
+    pids = pmap(
+        faults.pid_of,
+        range(20),
+        backend="stdlib",
+        workers=2,
+        start_method=method,
+        max_tasks_per_worker=3,
+    )
     runs = collections.Counter(pids)
     assert max(runs.values()) <= 3 and len(runs) >= 7  # 20 items, at most 3 per worker
 
@@ -63,7 +70,9 @@ def test_the_lifespan_comes_from_the_environment_too(monkeypatch):
 @pytest.mark.parametrize("method", START_METHODS)
 def test_a_lost_worker_is_retried_and_the_result_is_complete(method, tmp_path):
     func = CrashOnceOn(5, str(tmp_path))
-    got = pmap(func, range(12), backend="stdlib", workers=2, start_method=method, chunksize=2, retries=1)
+    got = pmap(
+        func, range(12), backend="stdlib", workers=2, start_method=method, chunksize=2, retries=1
+    )
     assert got == [x * x for x in range(12)]
 
 
@@ -74,7 +83,9 @@ def test_the_ppe_backend_retries_on_a_fresh_executor(tmp_path):
 
 def test_retries_run_out_with_every_attempts_exit_status(tmp_path):
     with pytest.raises(WorkerCrashedError) as caught:
-        pmap(faults.CrashOn(4, "exit"), range(8), backend="stdlib", workers=2, chunksize=1, retries=2)
+        pmap(
+            faults.CrashOn(4, "exit"), range(8), backend="stdlib", workers=2, chunksize=1, retries=2
+        )
     message = str(caught.value)
     assert caught.value.indices == (4,)
     assert message.count("exit code 7") >= 3, message  # the two retries and the first attempt
@@ -84,7 +95,7 @@ def test_an_exception_from_the_function_is_never_retried(tmp_path):
     func = CountsRuns(3, str(tmp_path))
     with pytest.raises(ValueError, match="item 3 is bad"):
         pmap(func, range(6), backend="stdlib", workers=2, chunksize=1, retries=3)
-    assert open(func.log).read() == "x"
+    assert pathlib.Path(func.log).read_text() == "x"
 
 
 @pytest.mark.parametrize("value,error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])

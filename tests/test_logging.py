@@ -41,7 +41,9 @@ def captured():
 def test_records_from_workers_reach_the_callers_handlers_with_the_workers_pid(backend, captured):
     if backend.name == "dask":
         pytest.skip("a cluster's workers log through dask (client.forward_logging()), see _logs.py")
-    assert pmap(log_and_square, range(6), chunksize=2, **backend.kwargs) == [x * x for x in range(6)]
+    assert pmap(log_and_square, range(6), chunksize=2, **backend.kwargs) == [
+        x * x for x in range(6)
+    ]
     seen = [r for r in captured.records if r.name == "task.logs"]
     assert sorted(r.getMessage() for r in seen) == [f"item {x} seen" for x in range(6)]
     assert all(r.levelno == logging.WARNING for r in seen)
@@ -52,7 +54,9 @@ def test_records_from_workers_reach_the_callers_handlers_with_the_workers_pid(ba
 def test_pickmap_records_its_decisions_at_debug(captured):
     pmap(abs, range(4), backend="stdlib", workers=2)
     decisions = [r.getMessage() for r in captured.records if r.name == "pickmap"]
-    assert any("backend stdlib (from argument), 2 workers" in message for message in decisions), decisions
+    assert any("backend stdlib (from argument), 2 workers" in message for message in decisions), (
+        decisions
+    )
 
 
 def log_info_noisy(x: int) -> int:
@@ -87,8 +91,12 @@ def test_a_forked_worker_never_prints_a_record_twice(backend, tmp_path):
         f"    pickmap.pmap(f, range(3), backend={backend!r}, start_method='fork', workers=2)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
-    env["PYTHONPATH"] = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    env["PYTHONPATH"] = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env
+    )
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("record")]
     assert sorted(lines) == ["record 0", "record 1", "record 2"], done.stderr

@@ -14,7 +14,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import START_METHODS
 
 pytestmark = pytest.mark.timeout(120)
@@ -22,14 +21,18 @@ pytestmark = pytest.mark.timeout(120)
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
-def run_python(args: list[str], env_extra: dict[str, str] | None = None, cwd: str | None = None) -> str:
+def run_python(
+    args: list[str], env_extra: dict[str, str] | None = None, cwd: str | None = None
+) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
     done = subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=90, env=env, cwd=cwd
     )
-    assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == 0, (
+        f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    )
     return done.stdout
 
 
@@ -92,7 +95,9 @@ SCRIPT = textwrap.dedent(
 def test_script_with_main_guard(method, tmp_path):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
-    out = run_python([str(script)], {"PICKMAP_START_METHOD": method}, cwd=str(tmp_path)).splitlines()
+    out = run_python(
+        [str(script)], {"PICKMAP_START_METHOD": method}, cwd=str(tmp_path)
+    ).splitlines()
     assert out == [
         "[1, 2, 3]",
         "[0, 3, 6]",
@@ -121,8 +126,11 @@ def test_bad_environment_value_is_a_clear_error(tmp_path):
     env.update(PYTHONPATH=SRC, PICKMAP_BACKEND="multiprocessing")
     done = subprocess.run(
         [sys.executable, "-c", "import pickmap; pickmap.pmap(abs, [1])"],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert done.returncode == 1
     assert "UnknownBackendError" in done.stderr and "PICKMAP_BACKEND" in done.stderr
     assert "stdlib" in done.stderr
@@ -143,9 +151,13 @@ def test_worker_that_dies_while_starting_is_reported_not_hung(tmp_path):
     script.write_text("import pickmap\nprint(pickmap.pmap(abs, range(4)))\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), SRC]), PICKMAP_START_METHOD="spawn")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env
+    )
     assert done.returncode != 0
-    assert "WorkerCrashedError" in done.stderr and "while starting" in done.stderr, done.stderr[-2000:]
+    assert "WorkerCrashedError" in done.stderr and "while starting" in done.stderr, done.stderr[
+        -2000:
+    ]
 
 
 @pytest.mark.parametrize("method", [m for m in START_METHODS if m != "fork"])
@@ -161,6 +173,8 @@ def test_workers_never_re_run_the_main_script_so_no_guard_is_needed(method, tmp_
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env.update(PYTHONPATH=SRC, PICKMAP_START_METHOD=method)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["top level ran in caller", "[1, 2, 3, 4]"]

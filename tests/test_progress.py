@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import zoo
 
 from pickmap import imap, pmap
-
-import zoo
 
 pytestmark = pytest.mark.timeout(60)
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -27,7 +26,15 @@ def test_a_callback_receives_item_counts_that_add_up_with_large_chunks(backend):
 
 def test_imap_over_an_unsized_input_counts_up_without_a_total(backend):
     seen: list[int] = []
-    got = list(imap(zoo.square, (i for i in range(300)), progress=seen.append, ordered=False, **backend.kwargs))
+    got = list(
+        imap(
+            zoo.square,
+            (i for i in range(300)),
+            progress=seen.append,
+            ordered=False,
+            **backend.kwargs,
+        )
+    )
     assert sorted(got) == [i * i for i in range(300)] and sum(seen) == 300
 
 
@@ -51,7 +58,9 @@ def test_progress_true_draws_a_bar_on_stderr_that_ends_at_total(how):
     env["PYTHONPATH"] = SRC
     if how == "environment":
         env["PICKMAP_PROGRESS"] = "1"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "500"
     assert "500/500" in done.stderr, done.stderr

@@ -24,14 +24,20 @@ import textwrap
 import threading
 import time
 
+import faults
 import pytest
+from conftest import START_METHODS
 
 import pickmap
-from pickmap import SerializationError, TaskTimeoutError, WorkerCrashedError, WorkerError, imap, pmap
+from pickmap import (
+    SerializationError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    WorkerError,
+    imap,
+    pmap,
+)
 from pickmap import pool as pools
-
-import faults
-from conftest import START_METHODS
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SRC_DIR = os.path.join(os.path.dirname(TESTS_DIR), "src")
@@ -71,7 +77,9 @@ def difference(before: tuple[int, list[int]], after: tuple[int, list[int]]) -> s
     )
 
 
-def read_until(proc: subprocess.Popen[bytes], marker: bytes, count: int, *, seconds: float) -> bytes:
+def read_until(
+    proc: subprocess.Popen[bytes], marker: bytes, count: int, *, seconds: float
+) -> bytes:
     """What the child printed, once ``marker`` appeared ``count`` times (or it stopped, or time ran out)."""
     assert proc.stdout is not None
     seen = b""
@@ -117,7 +125,9 @@ def test_a_thousand_warm_calls_leave_fds_and_processes_flat(method):
     idle_before = pools.idle_pool_count()
     started = time.monotonic()
     for i in range(1000):
-        assert pmap(faults.square, range(i % 7 + 1), **kw("stdlib", method)) == [x * x for x in range(i % 7 + 1)]
+        assert pmap(faults.square, range(i % 7 + 1), **kw("stdlib", method)) == [
+            x * x for x in range(i % 7 + 1)
+        ]
     elapsed = time.monotonic() - started
     after = settled(before)
     assert after == before, difference(before, after)
@@ -135,7 +145,9 @@ def test_many_calls_on_the_other_backends_leave_nothing_behind(backend):
     pmap(faults.square, range(8), chunksize=1, **kw(backend, method))
     before, threads = snapshot(), thread_count()
     for i in range(300):
-        assert pmap(faults.square, range(i % 5 + 1), **kw(backend, method)) == [x * x for x in range(i % 5 + 1)]
+        assert pmap(faults.square, range(i % 5 + 1), **kw(backend, method)) == [
+            x * x for x in range(i % 5 + 1)
+        ]
     after = settled(before)
     assert after == before, difference(before, after)
     assert thread_count() == threads
@@ -149,7 +161,9 @@ def test_many_imap_calls_abandoned_early_leave_nothing_behind():
     pickmap.shutdown()
     before = snapshot()
     for _ in range(50):
-        results = imap(faults.sleep_for, [0] + [5] * 20, range(21), chunksize=1, **kw("stdlib", "fork"))
+        results = imap(
+            faults.sleep_for, [0] + [5] * 20, range(21), chunksize=1, **kw("stdlib", "fork")
+        )
         assert next(results) == 0
         results.close()  # the busy workers are killed
     pickmap.shutdown()
@@ -219,9 +233,18 @@ def _abandoned_imap(k):
 
 
 FAULTS = [
-    _crash_exit, _crash_sigkill, _crash_segfault, _exception, _unrebuildable_exception, _unsendable_result,
-    _unsendable_item, _callable_fails_to_load, _timeout, _interrupted, _abandoned_imap,
-]  # fmt: skip
+    _crash_exit,
+    _crash_sigkill,
+    _crash_segfault,
+    _exception,
+    _unrebuildable_exception,
+    _unsendable_result,
+    _unsendable_item,
+    _callable_fails_to_load,
+    _timeout,
+    _interrupted,
+    _abandoned_imap,
+]
 FAULT_CASES = [
     pytest.param("stdlib", "fork", 8, id="stdlib-fork"),
     pytest.param("cloudpickle", "spawn", 1, id="cloudpickle-spawn"),
@@ -253,10 +276,18 @@ def test_faults_leave_fds_and_processes_flat(backend, method, rounds):
 @pytest.mark.parametrize("kind", ["exit", "raise", "hang"])
 def test_shared_memory_of_a_failed_call_goes_with_its_object(kind):
     func = faults.CrashOn(1, kind)
-    func.ballast = os.urandom(3 << 20)  # large: shipped through shared memory, kept while func lives
+    func.ballast = os.urandom(
+        3 << 20
+    )  # large: shipped through shared memory, kept while func lives
     raised = {"exit": WorkerCrashedError, "raise": faults.Boom, "hang": TaskTimeoutError}[kind]
     with pytest.raises(raised):
-        pmap(func, range(4), chunksize=1, timeout=0.5 if kind == "hang" else None, **kw("stdlib", "fork"))
+        pmap(
+            func,
+            range(4),
+            chunksize=1,
+            timeout=0.5 if kind == "hang" else None,
+            **kw("stdlib", "fork"),
+        )
     del func
     gc.collect()
     assert spill_files(os.getpid()) == []
@@ -275,8 +306,13 @@ def test_ctrl_c_leaves_no_spill_file_and_no_process():
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env["PYTHONPATH"] = os.pathsep.join([SRC_DIR, TESTS_DIR, env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     descendants: list[int] = []
     try:
         seen = read_until(proc, b"WORKER", 2, seconds=30)
@@ -302,7 +338,15 @@ def test_thread_backend_faults_leave_no_thread_running():
             pmap(faults.CrashOn(3, "raise"), range(8), chunksize=1, **kw("thread", None))
     # a stuck thread cannot be killed; it is abandoned, and must end once its item ends
     with pytest.raises(TaskTimeoutError):
-        pmap(faults.sleep_on, [1] * 4, [1.0] * 4, range(4), chunksize=1, timeout=0.2, **kw("thread", None))
+        pmap(
+            faults.sleep_on,
+            [1] * 4,
+            [1.0] * 4,
+            range(4),
+            chunksize=1,
+            timeout=0.2,
+            **kw("thread", None),
+        )
     deadline = time.monotonic() + 5
     while thread_count() > before_threads and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -313,10 +357,14 @@ def test_thread_backend_faults_leave_no_thread_running():
 
 # =========================================================================== issue 9: /dev/shm unusable, a caller killed
 @pytest.mark.timeout(60)
-def test_shared_memory_that_cannot_be_written_warns_once_and_the_pipe_carries_the_call(monkeypatch, tmp_path):
+def test_shared_memory_that_cannot_be_written_warns_once_and_the_pipe_carries_the_call(
+    monkeypatch, tmp_path
+):
     from pickmap import _shm
 
-    missing = str(tmp_path / "no-such-dir")  # every segment write fails there (root ignores permissions)
+    missing = str(
+        tmp_path / "no-such-dir"
+    )  # every segment write fails there (root ignores permissions)
     monkeypatch.setattr(_shm, "segment_dirs", lambda: [missing])
     monkeypatch.setattr(_shm, "_warned", False)
     func = faults.CrashOn(-1, "raise")
@@ -349,8 +397,15 @@ DEV_SHM_CHILD = textwrap.dedent(
 
 def _in_a_mount_namespace(setup: str) -> list[str] | None:
     """The argv prefix that runs a command with ``/dev/shm`` replaced as ``setup`` says, or None if not permitted."""
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
-                           capture_output=True, timeout=30) if _has("unshare") else None  # fmt: skip
+    probe = (
+        subprocess.run(
+            ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+            capture_output=True,
+            timeout=30,
+        )
+        if _has("unshare")
+        else None
+    )
     if probe is None or probe.returncode != 0:
         return None
     return ["unshare", "-m", "sh", "-c", f'{setup} && exec "$0" "$@"']
@@ -380,8 +435,13 @@ def test_a_dev_shm_read_only_or_too_small_never_fails_a_call(setup, warnings_see
         pytest.skip("cannot mount a private /dev/shm here (needs unshare -m)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env["PYTHONPATH"] = os.pathsep.join([SRC_DIR, TESTS_DIR, env.get("PYTHONPATH", "")])
-    done = subprocess.run([*prefix, sys.executable, "-c", DEV_SHM_CHILD, *START_METHODS], capture_output=True,
-                          env=env, cwd=TESTS_DIR, timeout=100)  # fmt: skip
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", DEV_SHM_CHILD, *START_METHODS],
+        capture_output=True,
+        env=env,
+        cwd=TESTS_DIR,
+        timeout=100,
+    )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert done.stdout.decode().split() == ["OK", str(warnings_seen)], done.stdout.decode()
 
@@ -401,8 +461,13 @@ SIGTERM_CHILD = textwrap.dedent(
 def test_a_caller_killed_by_sigterm_leaves_nothing_once_the_next_pickmap_process_starts():
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env["PYTHONPATH"] = os.pathsep.join([SRC_DIR, TESTS_DIR, env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_CHILD],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     workers: list[int] = []
     try:
         seen = read_until(proc, b"WORKER", 2, seconds=30)
@@ -411,14 +476,25 @@ def test_a_caller_killed_by_sigterm_leaves_nothing_once_the_next_pickmap_process
         # Mid-call: the items the workers hold were mapped and unlinked at once;
         # only the callable's segment (writer "c", owned by the caller) remains.
         left = spill_files(proc.pid)
-        assert left and all(f"pickmap-{proc.pid}-c-" in os.path.basename(path) for path in left), left
+        assert left and all(f"pickmap-{proc.pid}-c-" in os.path.basename(path) for path in left), (
+            left
+        )
         os.kill(proc.pid, signal.SIGTERM)  # the default handler: no atexit, no clean-up
         proc.wait(timeout=10)
         assert proc.returncode == -signal.SIGTERM
         faults.kill_pids(workers)
         # The next pickmap process sweeps what a dead caller left.
-        subprocess.run([sys.executable, "-c", "import os, pickmap; pickmap.pmap(len, [os.urandom(1 << 20)], "
-                        "backend='stdlib', workers=1)"], env=env, timeout=60, check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import os, pickmap; pickmap.pmap(len, [os.urandom(1 << 20)], "
+                "backend='stdlib', workers=1)",
+            ],
+            env=env,
+            timeout=60,
+            check=True,
+        )
         assert spill_files(proc.pid) == []
     finally:
         faults.kill_leftovers(proc, workers)

@@ -13,15 +13,14 @@ import dataclasses
 import functools
 import weakref
 
+import faults
 import pytest
+from conftest import START_METHODS
 
 import pickmap
 from pickmap import explain, imap, pmap
 from pickmap.registry import available_backends, get_backend
 from pickmap.serializers import get_serializer
-
-import faults
-from conftest import START_METHODS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,7 +43,10 @@ def test_the_callables_class_and_the_items_class_are_one_in_a_dill_worker(method
     assert explain(f, [P()]).backend == "dill"
     expected = list(map(f, [P()]))
     assert expected == [(True, True)]
-    assert pmap(f, [P(), P()], start_method=method, workers=2, chunksize=1) == [(True, True), (True, True)]
+    assert pmap(f, [P(), P()], start_method=method, workers=2, chunksize=1) == [
+        (True, True),
+        (True, True),
+    ]
 
 
 @pytest.mark.parametrize("method", START_METHODS)
@@ -58,8 +60,14 @@ def test_a_dataclass_returned_by_a_dill_worker_is_an_instance_of_the_callers_cla
         assert isinstance(point, Point)
         return Point(point.x + 1, point.y)
 
-    got = pmap(shifted, [Point(1, 2), Point(3, 4), Point(5, 6)], backend="dill", start_method=method,
-               workers=2, chunksize=1)  # fmt: skip
+    got = pmap(
+        shifted,
+        [Point(1, 2), Point(3, 4), Point(5, 6)],
+        backend="dill",
+        start_method=method,
+        workers=2,
+        chunksize=1,
+    )
     assert got == [Point(2, 2), Point(4, 4), Point(6, 6)]
     assert all(type(point) is Point for point in got)
 
@@ -69,7 +77,9 @@ def _exhausted_second():
     return [iter([1]), iter([]), iter([3])]
 
 
-@pytest.mark.parametrize("extra", [{}, {"timeout": 30}, {"chunksize": 3}], ids=["plain", "timed", "one-chunk"])
+@pytest.mark.parametrize(
+    "extra", [{}, {"timeout": 30}, {"chunksize": 3}], ids=["plain", "timed", "one-chunk"]
+)
 def test_stop_iteration_from_the_function_is_a_runtime_error_naming_the_item(backend, extra):
     kwargs = {"chunksize": 1, **backend.kwargs, **extra}
     with pytest.raises(RuntimeError, match="next raised StopIteration on item 1") as caught:
@@ -104,7 +114,9 @@ def test_imap_yields_every_result_before_an_input_that_raises(backend):
 def test_imap_yields_the_thousand_results_before_the_input_broke(backend, ordered):
     got = []
     with pytest.raises(faults.InputBroke, match="after 1000 items"):
-        for value in imap(faults.square, faults.breaks_after(1000), ordered=ordered, **backend.kwargs):
+        for value in imap(
+            faults.square, faults.breaks_after(1000), ordered=ordered, **backend.kwargs
+        ):
             got.append(value)
     assert (got if ordered else sorted(got)) == [x * x for x in range(1000)]
 
@@ -117,12 +129,16 @@ def test_pmap_raises_the_inputs_exception_after_running_what_came_before(backend
 def test_a_function_error_before_the_broken_input_wins(backend):
     for call in (pmap, lambda *a, **k: list(imap(*a, **k))):
         with pytest.raises(faults.Boom):
-            call(faults.CrashOn(5, "raise"), faults.breaks_after(1000), chunksize=1, **backend.kwargs)
+            call(
+                faults.CrashOn(5, "raise"), faults.breaks_after(1000), chunksize=1, **backend.kwargs
+            )
 
 
 # =========================================================================== case 6: module globals
 STICKY_PROCESS_BACKENDS = [
-    name for name in available_backends() if get_backend(name).processes and get_backend(name).sticky
+    name
+    for name in available_backends()
+    if get_backend(name).processes and get_backend(name).sticky
 ]
 IN_MEMORY_BACKENDS = [name for name in available_backends() if not get_backend(name).processes]
 
@@ -142,7 +158,10 @@ def test_warm_fork_workers_keep_the_module_state_they_were_forked_with(name, off
     faults.set_offset(5)
     assert pmap(faults.add_offset, [1, 2], **kw) == [1, 2]  # documented: warm workers do not see it
     pickmap.shutdown()
-    assert pmap(faults.add_offset, [1, 2], **kw) == [6, 7]  # fresh forks copy the process as it is now
+    assert pmap(faults.add_offset, [1, 2], **kw) == [
+        6,
+        7,
+    ]  # fresh forks copy the process as it is now
 
 
 @pytest.mark.parametrize("method", [m for m in START_METHODS if m != "fork"])
@@ -160,7 +179,10 @@ def test_passing_the_value_is_the_remedy_for_changed_module_state(name, method, 
     pmap(faults.add_offset, [1, 2], **kw)  # warm workers
     faults.set_offset(5)
     assert pmap(functools.partial(faults.add, 5), [1, 2], **kw) == [6, 7]
-    assert pmap(faults.add_offset, [1, 2], initializer=faults.set_offset, initargs=(5,), **kw) == [6, 7]
+    assert pmap(faults.add_offset, [1, 2], initializer=faults.set_offset, initargs=(5,), **kw) == [
+        6,
+        7,
+    ]
 
 
 @pytest.mark.parametrize("name", IN_MEMORY_BACKENDS)

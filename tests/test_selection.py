@@ -6,12 +6,11 @@ import os
 import pickle
 
 import pytest
+import zoo
 
 import pickmap
 from pickmap import BackendUnavailableError, SerializationError, UnknownBackendError, explain, pmap
 from pickmap.backends.base import Backend
-
-import zoo
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,7 +75,9 @@ def test_forced_backend_that_cannot_carry_raises_never_falls_back(clean_env):
 def test_workers_from_environment(clean_env):
     clean_env.setenv("PICKMAP_WORKERS", "3")
     assert explain(zoo.square, [1]).workers == 3
-    assert explain(zoo.square, [1], backend="serial").workers == 1  # documented: serial always uses 1
+    assert (
+        explain(zoo.square, [1], backend="serial").workers == 1
+    )  # documented: serial always uses 1
     clean_env.setenv("PICKMAP_WORKERS", "zero")
     with pytest.raises(ValueError, match="PICKMAP_WORKERS"):
         pmap(zoo.square, [1])
@@ -115,7 +116,13 @@ def test_a_python_thread_means_forkserver_even_where_only_blas_threads_would_all
 
 
 def test_registry_lists_and_registers_backends():
-    assert set(pickmap.available_backends()) >= {"stdlib", "cloudpickle", "dill", "thread", "serial"}
+    assert set(pickmap.available_backends()) >= {
+        "stdlib",
+        "cloudpickle",
+        "dill",
+        "thread",
+        "serial",
+    }
 
     class Mine(Backend):
         name = "mine"
@@ -144,7 +151,9 @@ def test_registry_lists_and_registers_backends():
 def test_missing_package_gives_install_hint():
     from pickmap import registry
 
-    pickmap.register_backend("ghost", "pickmap_no_such_module.sub:Nothing", install_hint="pip install ghost")
+    pickmap.register_backend(
+        "ghost", "pickmap_no_such_module.sub:Nothing", install_hint="pip install ghost"
+    )
     try:
         assert "ghost" not in pickmap.available_backends()
         with pytest.raises(BackendUnavailableError, match="pip install ghost") as caught:
@@ -172,8 +181,12 @@ def test_importing_numpy_keeps_the_fork_default_and_workers_limit_their_blas_poo
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS", "OMP_"))}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS", "OMP_"))
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
     assert done.returncode == 0, done.stderr
     threads_line, limited, untouched = done.stdout.strip().splitlines()
     cpus = len(os.sched_getaffinity(0))

@@ -12,13 +12,20 @@ import sys
 import textwrap
 import threading
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 import pickmap
 from pickmap.probe import choose, try_backend
-from pickmap.serializers import OOB_MIN_BYTES, Pickled, copies_locks, get_serializer, main_references
+from pickmap.serializers import (
+    OOB_MIN_BYTES,
+    Pickled,
+    copies_locks,
+    get_serializer,
+    main_references,
+)
 
 np = pytest.importorskip("numpy")
 pd = pytest.importorskip("pandas")
@@ -39,7 +46,9 @@ def _f_array() -> Any:
 
 
 def _frame() -> Any:
-    return pd.DataFrame({"x": np.arange(ELEMENTS, dtype=np.float64), "n": np.arange(ELEMENTS, dtype=np.int64)})
+    return pd.DataFrame(
+        {"x": np.arange(ELEMENTS, dtype=np.float64), "n": np.arange(ELEMENTS, dtype=np.int64)}
+    )
 
 
 def _large_bytes() -> bytes:
@@ -61,7 +70,12 @@ KINDS: dict[str, Callable[[], Any]] = {
 
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray):
-        return type(b) is np.ndarray and a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+        return (
+            type(b) is np.ndarray
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and np.array_equal(a, b)
+        )
     if isinstance(a, pd.DataFrame):
         return isinstance(b, pd.DataFrame) and a.equals(b)
     return type(a) is type(b) and a == b
@@ -92,9 +106,16 @@ def run_python(code: str, cwd: str | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=90, env=env, cwd=cwd
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+        cwd=cwd,
     )
-    assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == 0, (
+        f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    )
     return done.stdout
 
 
@@ -140,7 +161,7 @@ def test_small_buffers_stay_in_band(name: str) -> None:
     pickled = serializer.dump(small)
     assert pickled.buffers == ()
     loaded = serializer.load(pickled)
-    assert all(_equal(a, b) for a, b in zip(small, loaded))
+    assert all(_equal(a, b) for a, b in zip(small, loaded, strict=False))
 
 
 @pytest.mark.parametrize("name", SERIALIZERS)
@@ -150,11 +171,13 @@ def test_non_contiguous_arrays_round_trip_unchanged(name: str) -> None:
     views = (base[::2], base[:, ::3], base.T[::2])
     assert not any(v.flags.c_contiguous or v.flags.f_contiguous for v in views)
     pickled = serializer.dump(views)
-    for original, loaded in zip(views, serializer.load(pickled)):
+    for original, loaded in zip(views, serializer.load(pickled), strict=False):
         assert _equal(original, loaded)
-    for original, trial in zip(views, serializer.trial_load(pickled)):
+    for original, trial in zip(views, serializer.trial_load(pickled), strict=False):
         assert _equal(original, trial)
-        assert not np.shares_memory(trial, base)  # numpy copied it to pickle it: never a view of the wrong bytes
+        assert not np.shares_memory(
+            trial, base
+        )  # numpy copied it to pickle it: never a view of the wrong bytes
 
 
 @pytest.mark.parametrize("name", SERIALIZERS)
@@ -167,7 +190,11 @@ def test_an_object_referenced_twice_keeps_its_identity_out_of_band(name: str) ->
 def test_the_identity_serializer_passes_the_object_itself() -> None:
     serializer = get_serializer("identity")
     obj = _c_array()
-    assert serializer.dump(obj) is obj and serializer.load(obj) is obj and serializer.trial_load(obj) is obj
+    assert (
+        serializer.dump(obj) is obj
+        and serializer.load(obj) is obj
+        and serializer.trial_load(obj) is obj
+    )
 
 
 # --------------------------------------------------------------------------- zero-copy trial
@@ -178,9 +205,11 @@ def test_the_trial_load_reuses_the_dumped_memory_read_only(name: str, kind: str)
     serializer = get_serializer(name)
     trial = serializer.trial_load(serializer.dump(obj))
     assert _equal(obj, trial)
-    for original, loaded in zip(_memory_of(obj), _memory_of(trial)):
+    for original, loaded in zip(_memory_of(obj), _memory_of(trial), strict=False):
         assert np.shares_memory(original, loaded)
-    assert not any(a.flags.writeable for a in _memory_of(trial))  # probing cannot write into the caller's arrays
+    assert not any(
+        a.flags.writeable for a in _memory_of(trial)
+    )  # probing cannot write into the caller's arrays
     if not isinstance(obj, pd.DataFrame):  # pandas decides its own arrays' flags
         assert obj.flags.writeable
 
@@ -263,7 +292,9 @@ def test_a_numpy_verdict_is_ok_where_a_picklebuffer_used_to_break_the_trial() ->
 
 
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
-def test_a_callable_holding_arrays_runs_in_fresh_workers_on_read_only_shared_arrays(start_method: str) -> None:
+def test_a_callable_holding_arrays_runs_in_fresh_workers_on_read_only_shared_arrays(
+    start_method: str,
+) -> None:
     model = Model()
     indices = [0, 17, ELEMENTS // 2 - 1]
     kwargs: dict[str, Any] = {"backend": "stdlib", "start_method": start_method, "workers": 2}
@@ -294,7 +325,9 @@ def test_copyreg_registrations_made_after_import_are_seen_by_the_stdlib_pickler(
     copyreg.pickle(_NeedsARegisteredReducer, lambda obj: (_rebuild_needs_a_reducer, (obj.value,)))
     try:
         assert serializer.load(serializer.dump(_NeedsARegisteredReducer(7))).value == 7
-        assert pickle.loads(serializer.dump(_NeedsARegisteredReducer(8)).data).value == 8  # plain pickle reads it
+        assert (
+            pickle.loads(serializer.dump(_NeedsARegisteredReducer(8)).data).value == 8
+        )  # plain pickle reads it
     finally:
         del copyreg.dispatch_table[_NeedsARegisteredReducer]
 
@@ -389,7 +422,9 @@ def test_main_references_finds_a_main_global_by_name() -> None:
 
 
 def test_the_by_reference_checks_read_only_the_stream_not_the_buffers() -> None:
-    raw = (b"__main__ _create_lock \x8c\x08__main__\x93" * (OOB_MIN_BYTES // 16))[: 4 * OOB_MIN_BYTES]
+    raw = (b"__main__ _create_lock \x8c\x08__main__\x93" * (OOB_MIN_BYTES // 16))[
+        : 4 * OOB_MIN_BYTES
+    ]
     for name in SERIALIZERS:
         pickled = get_serializer(name).dump(raw)
         assert pickled.buffers and b"__main__" not in pickled.data
@@ -405,4 +440,7 @@ def test_copies_locks_still_finds_a_lock_dill_would_copy() -> None:
 
 def test_pickled_streams_load_with_plain_pickle_when_nothing_is_out_of_band() -> None:
     pickled = get_serializer("stdlib").dump({"a": [1, 2, 3], "b": "text"})
-    assert pickled.buffers == () and pickle.load(io.BytesIO(pickled.data)) == {"a": [1, 2, 3], "b": "text"}
+    assert pickled.buffers == () and pickle.load(io.BytesIO(pickled.data)) == {
+        "a": [1, 2, 3],
+        "b": "text",
+    }

@@ -6,10 +6,9 @@ import functools
 import operator
 
 import pytest
+import zoo
 
 from pickmap import explain, pmap
-
-import zoo
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -22,8 +22,9 @@ import pickle
 import platform
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import pickmap
 from pickmap import _settings, registry
@@ -54,10 +55,18 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------- doctor: one function per concern
 def check_python() -> Check:
     version = platform.python_version()
-    details = (f"interpreter: {sys.executable}", f"implementation: {platform.python_implementation()}")
+    details = (
+        f"interpreter: {sys.executable}",
+        f"implementation: {platform.python_implementation()}",
+    )
     if sys.version_info < MIN_PYTHON:
         wanted = ".".join(map(str, MIN_PYTHON))
-        return Check(BROKEN, f"Python {version}: pickmap needs {wanted} or newer", f"install Python {wanted}+", details)
+        return Check(
+            BROKEN,
+            f"Python {version}: pickmap needs {wanted} or newer",
+            f"install Python {wanted}+",
+            details,
+        )
     return Check(OK, f"Python {version}", details=details)
 
 
@@ -71,7 +80,11 @@ def check_start_method() -> Check:
     try:
         method = _settings.resolve_start_method(None)
     except ValueError as exc:
-        return Check(BROKEN, f"start method: {exc}", f"unset {_settings.ENV_START_METHOD} or set it to a valid one")
+        return Check(
+            BROKEN,
+            f"start method: {exc}",
+            f"unset {_settings.ENV_START_METHOD} or set it to a valid one",
+        )
     details = (
         f"threads in this process (entries in /proc/self/task): {threads}",
         (
@@ -80,7 +93,9 @@ def check_start_method() -> Check:
         ),
     )
     if from_env:
-        return Check(OK, f"start method: {method} (set by {_settings.ENV_START_METHOD})", details=details)
+        return Check(
+            OK, f"start method: {method} (set by {_settings.ENV_START_METHOD})", details=details
+        )
     if method == "fork":
         why = f"this process runs {_plural(threads, 'thread')}, and forking a single-threaded process is safe"
     elif threads > 1:
@@ -138,7 +153,9 @@ def _self_and_ancestors(mount: Path, own: str) -> list[Path]:
     return found
 
 
-def read_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> tuple[float | None, list[str]]:
+def read_cpu_quota(
+    root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP
+) -> tuple[float | None, list[str]]:
     """The tightest cgroup CPU quota over this process's cgroup and its ancestors (v2 and v1).
 
     Returns ``(CPUs, or None for no quota, the files read and what they held)``.
@@ -159,7 +176,10 @@ def read_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) ->
     mounts = {controllers: root / controllers for controllers in v1_paths or {"cpu": "/"}}
     for controllers, mount in mounts.items():
         for directory in _self_and_ancestors(mount, v1_paths.get(controllers, "/")):
-            quota_file, period_file = directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us"
+            quota_file, period_file = (
+                directory / "cpu.cfs_quota_us",
+                directory / "cpu.cfs_period_us",
+            )
             try:
                 quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
                 limit = parse_cfs_quota(quota, period)
@@ -185,7 +205,9 @@ def check_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> Che
     # A quota of 1.5 CPUs keeps two workers mostly busy: round up, as joblib's loky does.
     effective = affinity if quota is None else max(1, min(affinity, math.ceil(quota)))
     quota_text = "no cgroup CPU quota" if quota is None else f"cgroup CPU quota {quota:g}"
-    summary = f"usable CPUs: {effective} (affinity {affinity} of {os.cpu_count()} CPUs, {quota_text})"
+    summary = (
+        f"usable CPUs: {effective} (affinity {affinity} of {os.cpu_count()} CPUs, {quota_text})"
+    )
     details = (affinity_detail, *(files_read or [f"no cgroup CPU quota file found under {root}"]))
     if effective < affinity:
         fix = (
@@ -220,12 +242,16 @@ def check_shm(path: str = SHM_PATH) -> Check:
     try:
         stats = os.statvfs(path)
     except OSError:
-        status = WARN if sys.platform.startswith("linux") else OK  # macOS has no /dev/shm, and that is normal
+        status = (
+            WARN if sys.platform.startswith("linux") else OK
+        )  # macOS has no /dev/shm, and that is normal
         fix = f"spill files go to {tempfile.gettempdir()} instead; mount a tmpfs on {path} for memory-speed ones"
         return Check(status, f"{path}: not present", fix if status == WARN else "", details)
     size, free = stats.f_blocks * stats.f_frsize, stats.f_bavail * stats.f_frsize
     writable = _can_write(path)
-    summary = f"{path}: {_size(size)}, {_size(free)} free, {'writable' if writable else 'NOT writable'}"
+    summary = (
+        f"{path}: {_size(size)}, {_size(free)} free, {'writable' if writable else 'NOT writable'}"
+    )
     if not writable:
         fix = f"pickmap falls back to {tempfile.gettempdir()}; make {path} writable (mode 1777, as a tmpfs)"
         return Check(WARN, summary, fix, details)
@@ -237,7 +263,9 @@ def check_shm(path: str = SHM_PATH) -> Check:
         )
         return Check(WARN, summary, fix, details)
     if free < SHM_LOW:
-        return Check(WARN, summary, f"under 1 GiB free: look for stale files with ls -la {path}", details)
+        return Check(
+            WARN, summary, f"under 1 GiB free: look for stale files with ls -la {path}", details
+        )
     return Check(OK, summary, details=details)
 
 
@@ -252,7 +280,11 @@ def check_thread_pools() -> Check:
         importlib.import_module("numpy")  # loads the BLAS library that threadpoolctl then finds
         pools = importlib.import_module("threadpoolctl").threadpool_info()
     except Exception as exc:  # a broken numpy or BLAS install
-        return Check(WARN, f"{title}: importing numpy failed ({type(exc).__name__}: {exc})", "reinstall numpy")
+        return Check(
+            WARN,
+            f"{title}: importing numpy failed ({type(exc).__name__}: {exc})",
+            "reinstall numpy",
+        )
     started = _settings._thread_count() - threads_before
     found = "; ".join(
         f"{pool.get('internal_api')} {pool.get('version')} ({pool.get('user_api')}, "
@@ -296,21 +328,32 @@ def check_backend(name: str, installed: Sequence[str]) -> Check:
         missing = next((m for m in entry.requires if _is_missing(m)), "?")
         hint = entry.install_hint or f"pip install {missing}"
         return Check(
-            BROKEN, f"backend {name}: not installed (needs {missing})", hint, (f"registered as {registered_as}",)
+            BROKEN,
+            f"backend {name}: not installed (needs {missing})",
+            hint,
+            (f"registered as {registered_as}",),
         )
     try:
         backend = registry.get_backend(name)
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         fix = f"check the register_backend({name!r}, ...) call, or reinstall pickmap for a built-in backend"
-        return Check(BROKEN, f"backend {name}: cannot be loaded ({type(exc).__name__}: {first_line})", fix)
+        return Check(
+            BROKEN, f"backend {name}: cannot be loaded ({type(exc).__name__}: {first_line})", fix
+        )
     try:
-        runs_on = backend.describe()  # a cluster's address and size: this connects, within its timeout
+        runs_on = (
+            backend.describe()
+        )  # a cluster's address and size: this connects, within its timeout
         workers = backend.default_workers()
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         fix = "fix or unset the setting the message names"
-        return Check(BROKEN, f"backend {name}: cannot reach its workers ({type(exc).__name__}: {first_line})", fix)
+        return Check(
+            BROKEN,
+            f"backend {name}: cannot reach its workers ({type(exc).__name__}: {first_line})",
+            fix,
+        )
     process_package = getattr(backend, "process_package", "multiprocessing")
     if runs_on:
         runs_in = runs_on
@@ -321,12 +364,19 @@ def check_backend(name: str, installed: Sequence[str]) -> Check:
     else:
         runs_in = "the calling thread" if backend.max_workers == 1 else "threads in this process"
     packages = list(entry.requires)
-    if backend.processes and backend.sticky and process_package not in packages and process_package not in sys.stdlib_module_names:
+    if (
+        backend.processes
+        and backend.sticky
+        and process_package not in packages
+        and process_package not in sys.stdlib_module_names
+    ):
         packages.append(process_package)
     if backend.serializer == "identity":
         carries = "nothing serialized"
     elif packages:
-        carries = f"serializer {backend.serializer} ({', '.join(f'{p} {_version(p)}' for p in packages)})"
+        carries = (
+            f"serializer {backend.serializer} ({', '.join(f'{p} {_version(p)}' for p in packages)})"
+        )
     else:
         carries = f"serializer {backend.serializer} (standard library, pickle protocol {pickle.HIGHEST_PROTOCOL})"
     if backend.max_workers is not None:
@@ -334,7 +384,10 @@ def check_backend(name: str, installed: Sequence[str]) -> Check:
     details = (
         f"registered as {registered_as}",
         f"default workers: {workers}",
-        "capabilities: " + ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in backend.capabilities().items()),
+        "capabilities: "
+        + ", ".join(
+            f"{flag} {'yes' if on else 'no'}" for flag, on in backend.capabilities().items()
+        ),
     )
     return Check(OK, f"backend {name}: {runs_in}, {carries}", details=details)
 
@@ -403,7 +456,9 @@ def import_module(name: str) -> Any:
                 f"no module named {exc.name!r}: run from the directory that holds it, or add that directory "
                 "to PYTHONPATH"
             ) from None
-        raise UsageError(f"importing {name!r} failed: {_first_line(exc)}; install what it needs") from None
+        raise UsageError(
+            f"importing {name!r} failed: {_first_line(exc)}; install what it needs"
+        ) from None
     except (Exception, SystemExit) as exc:  # the module's own code failed (or called sys.exit)
         raise UsageError(
             f"importing {name!r} raised {_first_line(exc)}; `python -c 'import {name}'` must work"
@@ -423,7 +478,9 @@ def resolve(module: Any, qualname: str) -> Any:
             found = getattr(found, part)
         except Exception:
             owner = ".".join([module.__name__, *parts[:index]])
-            raise UsageError(f"{owner} has no attribute {part!r}; check the name (it is case-sensitive)") from None
+            raise UsageError(
+                f"{owner} has no attribute {part!r}; check the name (it is case-sensitive)"
+            ) from None
     return found
 
 
@@ -431,18 +488,24 @@ def load_callable(target: str) -> tuple[Callable[..., Any], Any]:
     """``(callable, its module)`` for ``MODULE:QUALNAME``."""
     module_name, colon, qualname = target.partition(":")
     if not colon or not module_name or not qualname:
-        raise UsageError(f"expected MODULE:QUALNAME such as mypackage.tasks:Worker.run, not {target!r}")
+        raise UsageError(
+            f"expected MODULE:QUALNAME such as mypackage.tasks:Worker.run, not {target!r}"
+        )
     module = import_module(module_name)
     func = resolve(module, qualname)
     if not callable(func):
-        raise UsageError(f"{target} is {_a(func)}, not a callable; name a function or callable object")
+        raise UsageError(
+            f"{target} is {_a(func)}, not a callable; name a function or callable object"
+        )
     return func, module
 
 
 def evaluate_items(expression: str, module: Any) -> Any:
     # A copy of the namespace: an expression like (x := ...) must not change the module.
     try:
-        items = eval(expression, dict(vars(module)))  # the user's own command line, as `python -c` is
+        items = eval(
+            expression, dict(vars(module))
+        )  # the user's own command line, as `python -c` is
     except Exception as exc:  # SyntaxError included
         raise UsageError(
             f"--items {expression!r} failed: {_first_line(exc)}; pass a Python expression such as '[1, 2]'"
@@ -461,14 +524,19 @@ def explain_target(target: str, expression: str, backend: str | None) -> str:
     items = evaluate_items(expression, module)
     try:
         return str(pickmap.explain(func, items, backend=backend))
-    except (pickmap.PickmapError, ValueError, TypeError) as exc:  # unknown backend, bad PICKMAP_* values
+    except (
+        pickmap.PickmapError,
+        ValueError,
+        TypeError,
+    ) as exc:  # unknown backend, bad PICKMAP_* values
         raise UsageError(str(exc).strip().splitlines()[0]) from None
 
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pickmap", description="pickmap's command line: check this machine, or explain a call."
+        prog="python -m pickmap",
+        description="pickmap's command line: check this machine, or explain a call.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     doctor_parser = commands.add_parser(
@@ -477,21 +545,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="One line per concern (✓ fine, ! warning, ✗ broken), with the fix below it. "
         "Exit status 1 when something is broken.",
     )
-    doctor_parser.add_argument("-v", "--verbose", action="store_true", help="show the details behind each line")
+    doctor_parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show the details behind each line"
+    )
     explain_parser = commands.add_parser(
         "explain",
         help="print which backend pmap would choose for a callable, and why",
         description="Import MODULE, find QUALNAME in it and print pickmap.explain()'s plan: the backend, "
         "where the choice came from, and every backend's verdict with its reason.",
     )
-    explain_parser.add_argument("target", metavar="MODULE:QUALNAME", help="e.g. mypackage.tasks:Worker.run")
+    explain_parser.add_argument(
+        "target", metavar="MODULE:QUALNAME", help="e.g. mypackage.tasks:Worker.run"
+    )
     explain_parser.add_argument(
         "--items",
         default="[0]",
         metavar="EXPR",
         help="sample items: a Python expression, evaluated with the module's names available (default: [0])",
     )
-    explain_parser.add_argument("--backend", metavar="NAME", help="a backend to try instead of the probe's choice")
+    explain_parser.add_argument(
+        "--backend", metavar="NAME", help="a backend to try instead of the probe's choice"
+    )
     return parser
 
 
@@ -507,5 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"pickmap: error: {exc}", file=sys.stderr)
             return 2
         return 0
-    parser.print_help(sys.stderr)  # no command: a usage error, as argparse treats a missing argument
+    parser.print_help(
+        sys.stderr
+    )  # no command: a usage error, as argparse treats a missing argument
     return 2

@@ -15,14 +15,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import errors
+from ._replies import describe_indices
 from .errors import TaskTimeoutError
 from .pool import Slot, WorkerPool
-from ._replies import describe_indices
 
 if TYPE_CHECKING:
     from .engine import Call
 
-__all__ = ("Attempts", "item_started", "on_death", "check_timeouts")
+__all__ = ("Attempts", "check_timeouts", "item_started", "on_death")
 
 
 def _describe_exit(code: int | None) -> str:
@@ -97,7 +97,9 @@ def on_death(
             "a missing module, the OOM killer); the worker's own error is printed above"
         )
     else:
-        advice = "the pool was discarded and the next call starts fresh workers" + attempts.history(head.seq)
+        advice = "the pool was discarded and the next call starts fresh workers" + attempts.history(
+            head.seq
+        )
         if timed and index < 0:
             where, indices = f"while loading {call.label}", []
         elif timed:
@@ -129,7 +131,11 @@ def check_timeouts(pool: WorkerPool, call: Call) -> TaskTimeoutError | None:
         what = f"item {index}" if index >= 0 else "loading the callable"
         backend = call.backend
         if backend.killable:
-            who = f"its worker (pid {slot.worker.pid})" if slot.worker.pid is not None else "its executor's process"
+            who = (
+                f"its worker (pid {slot.worker.pid})"
+                if slot.worker.pid is not None
+                else "its executor's process"
+            )
             action = f"{who} was killed and will be replaced"
             pool.remove(slot, kill=True)
         elif backend.processes:

@@ -20,7 +20,7 @@ import collections
 import sys
 from typing import Any
 
-__all__ = ("debug", "warning", "caller_level", "Forwarder", "install_forwarder", "deliver")
+__all__ = ("Forwarder", "caller_level", "debug", "deliver", "install_forwarder", "warning")
 
 
 def _logger() -> Any:
@@ -55,7 +55,7 @@ class Forwarder:
         import logging
 
         class _Handler(logging.Handler):
-            def emit(inner, record: Any) -> None:  # noqa: N805 - closes over the forwarder
+            def emit(inner, record: Any) -> None:
                 self.records.append(_plain(record))
 
         self.records: collections.deque[dict[str, Any]] = collections.deque()
@@ -78,7 +78,11 @@ def _plain(record: Any) -> dict[str, Any]:
     if record.exc_info:
         fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
     fields["exc_info"] = None
-    return {key: value for key, value in fields.items() if isinstance(value, (str, int, float, bool, type(None)))}
+    return {
+        key: value
+        for key, value in fields.items()
+        if isinstance(value, (str, int, float, bool, type(None)))
+    }
 
 
 _installed: Forwarder | None = None

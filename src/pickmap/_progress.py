@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ("ENV_PROGRESS", "Progress", "resolve_progress")
 
@@ -22,7 +23,9 @@ ENV_PROGRESS = "PICKMAP_PROGRESS"
 class Progress:
     """What the engine calls: ``advance(n)`` per finished chunk, ``close()`` at the end."""
 
-    def __init__(self, advance: Callable[[int], Any], close: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self, advance: Callable[[int], Any], close: Callable[[], Any] | None = None
+    ) -> None:
         self.advance = advance
         self._close = close
 

@@ -20,29 +20,31 @@ memory, an executor's own pickling) is the transport's business
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 __all__ = (
-    "CallSpec",
-    "Setup",
-    "Task",
-    "Stop",
-    "Job",
-    "Ready",
-    "Result",
-    "Raised",
-    "Unsendable",
-    "SetupFailed",
+    "CALLER_TOKEN",
     "Bye",
+    "CallSpec",
+    "Job",
     "Logged",
     "Lost",
     "Message",
-    "CALLER_TOKEN",
+    "Raised",
+    "Ready",
+    "Result",
+    "Setup",
+    "SetupFailed",
+    "Stop",
+    "Task",
+    "Unsendable",
 )
 
 #: Tells this caller process apart from others that share an executor process
 #: (call ids are only unique per caller). Regenerated in a forked child.
-CALLER_TOKEN = f"{os.getpid()}-{os.urandom(4).hex()}"  # os.urandom: the secrets module costs 7 ms to import
+CALLER_TOKEN = (
+    f"{os.getpid()}-{os.urandom(4).hex()}"  # os.urandom: the secrets module costs 7 ms to import
+)
 
 
 def _new_token() -> None:
@@ -167,4 +169,17 @@ class Lost(NamedTuple):
     exitcode: int | None = None
 
 
-Message = Union[Setup, Task, Stop, Job, Ready, Result, Raised, Unsendable, SetupFailed, Bye, Logged, Lost]
+Message = (
+    Setup
+    | Task
+    | Stop
+    | Job
+    | Ready
+    | Result
+    | Raised
+    | Unsendable
+    | SetupFailed
+    | Bye
+    | Logged
+    | Lost
+)

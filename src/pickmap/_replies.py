@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import _wire
+from . import _wire, errors
 from ._protocol import Lost, Raised, SetupFailed, Unsendable
-from . import errors
 from .errors import RemoteTraceback, SerializationError, WorkerError
 from .serializers import copies_locks
 
@@ -21,12 +20,12 @@ if TYPE_CHECKING:
 __all__ = (
     "describe_indices",
     "load",
+    "lost_error",
     "raised_error",
     "setup_error",
-    "unsendable_result",
     "unloadable_results",
     "unsendable_item",
-    "lost_error",
+    "unsendable_result",
 )
 
 
@@ -39,13 +38,15 @@ def load(call: Call, payload: Any) -> Any:
     return call.serializer.load(_wire.resolve(payload))
 
 
-def _rebuild(call: Call, where: str, index: int | None, exc_repr: str, remote_tb: str, payload: Any) -> BaseException:
+def _rebuild(
+    call: Call, where: str, index: int | None, exc_repr: str, remote_tb: str, payload: Any
+) -> BaseException:
     """The worker's exception as itself, or a WorkerError when it cannot be rebuilt."""
     exc: Any = None
     if payload is not None:
         try:
             exc = load(call, payload)
-        except Exception:  # noqa: BLE001 - e.g. an __init__ that wants other arguments
+        except Exception:
             exc = None
     if not isinstance(exc, BaseException):
         exc = WorkerError(
@@ -62,12 +63,16 @@ def _rebuild(call: Call, where: str, index: int | None, exc_repr: str, remote_tb
 
 
 def raised_error(call: Call, raised: Raised) -> BaseException:
-    return _rebuild(call, f"item {raised.index}", raised.index, raised.exc_repr, raised.traceback, raised.exc)
+    return _rebuild(
+        call, f"item {raised.index}", raised.index, raised.exc_repr, raised.traceback, raised.exc
+    )
 
 
 def setup_error(call: Call, failed: SetupFailed) -> BaseException:
     if failed.stage == "initializer":
-        return _rebuild(call, "the initializer", None, failed.exc_repr, failed.traceback, failed.exc)
+        return _rebuild(
+            call, "the initializer", None, failed.exc_repr, failed.traceback, failed.exc
+        )
     backend = call.backend.name
     what = f"the chunk of items starting at index {failed.index}"
     if failed.stage in ("callable", "initializer-load"):
@@ -119,8 +124,10 @@ def unsendable_item(call: Call, start: int, items: list[Any]) -> SerializationEr
     for offset, item in enumerate(items):
         try:
             if copies_locks(serializer.dump(item).data):
-                raise TypeError("it holds a threading lock, which must not be copied into a worker process")
-        except Exception as exc:  # noqa: BLE001
+                raise TypeError(
+                    "it holds a threading lock, which must not be copied into a worker process"
+                )
+        except Exception as exc:
             capable = [b for b in capable_backends(call.func, [item]) if b != backend]
             return SerializationError(
                 f"item {start + offset} (a {type(item).__qualname__}) cannot be serialized by the "
@@ -130,10 +137,14 @@ def unsendable_item(call: Call, start: int, items: list[Any]) -> SerializationEr
                 index=start + offset,
                 capable=capable,
             )
-    return SerializationError(f"a chunk starting at item {start} cannot be serialized", backend=backend)
+    return SerializationError(
+        f"a chunk starting at item {start} cannot be serialized", backend=backend
+    )
 
 
-def lost_error(call: Call, chunk: Chunk, lost: Lost, history: str = "") -> errors.WorkerCrashedError:
+def lost_error(
+    call: Call, chunk: Chunk, lost: Lost, history: str = ""
+) -> errors.WorkerCrashedError:
     where = describe_indices(chunk.start, chunk.count)
     return errors.WorkerCrashedError(
         f"the {call.backend.name!r} backend lost {where} of {call.label}: {lost.reason}{history}. "

@@ -47,7 +47,9 @@ def _thread_count() -> int:
         return threading.active_count()
 
 
-_FORK_SAFE_POOLS = ("openblas",)  # libraries whose threads are quiesced around fork() by the library itself
+_FORK_SAFE_POOLS = (
+    "openblas",
+)  # libraries whose threads are quiesced around fork() by the library itself
 _fork_safe_cache: dict[int, bool] = {}
 
 
@@ -82,9 +84,15 @@ def default_start_method() -> tuple[str, str]:
         if threads == 1:
             return "fork", "this process runs a single thread"
         if _only_fork_safe_threads(threads):
-            return "fork", "its only other threads are an OpenBLAS pool, which OpenBLAS quiesces around fork()"
+            return (
+                "fork",
+                "its only other threads are an OpenBLAS pool, which OpenBLAS quiesces around fork()",
+            )
         fallback = "forkserver" if "forkserver" in supported else "spawn"
-        return fallback, f"this process runs {threads} threads, and forking a multi-threaded process is unsafe"
+        return (
+            fallback,
+            f"this process runs {threads} threads, and forking a multi-threaded process is unsafe",
+        )
     return ("forkserver" if "forkserver" in supported else "spawn"), "fork is not available here"
 
 
@@ -116,7 +124,9 @@ def resolve_workers(argument: int | None, default: int) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"the environment variable {ENV_WORKERS} must be a whole number >= 1, not {raw!r}")
+        raise ValueError(
+            f"the environment variable {ENV_WORKERS} must be a whole number >= 1, not {raw!r}"
+        )
     return value
 
 
@@ -129,7 +139,9 @@ def resolve_idle_timeout() -> float:
     except ValueError:
         value = 0.0
     if value <= 0:
-        raise ValueError(f"the environment variable {ENV_IDLE_TIMEOUT} must be a number of seconds > 0, not {raw!r}")
+        raise ValueError(
+            f"the environment variable {ENV_IDLE_TIMEOUT} must be a number of seconds > 0, not {raw!r}"
+        )
     return value
 
 
@@ -151,7 +163,9 @@ def resolve_inner_threads(argument: int | None, workers: int) -> int:
         source = f"the environment variable {ENV_INNER_THREADS}"
         value = 0 if raw == "off" else (int(raw) if raw.isdigit() else raw)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{source} must be a whole number >= 0 (0 or 'off': leave BLAS pools alone), not {value!r}")
+        raise ValueError(
+            f"{source} must be a whole number >= 0 (0 or 'off': leave BLAS pools alone), not {value!r}"
+        )
     return value
 
 
@@ -163,13 +177,17 @@ def resolve_max_tasks(argument: int | None) -> int | None:
     if not raw:
         return None
     if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"the environment variable {ENV_MAX_TASKS} must be a whole number >= 1, not {raw!r}")
+        raise ValueError(
+            f"the environment variable {ENV_MAX_TASKS} must be a whole number >= 1, not {raw!r}"
+        )
     return int(raw)
 
 
 def check_retries(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"retries must be a whole number >= 0, not {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"retries must be a whole number >= 0, not {value!r} ({type(value).__name__})"
+        )
     if value < 0:
         raise ValueError(f"retries must be >= 0, not {value}")
     return value
@@ -177,7 +195,9 @@ def check_retries(value: object) -> int:
 
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a whole number >= 1, not {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"{name} must be a whole number >= 1, not {value!r} ({type(value).__name__})"
+        )
     if value < 1:
         raise ValueError(f"{name} must be >= 1, not {value}")
     return value

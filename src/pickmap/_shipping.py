@@ -38,7 +38,7 @@ class _Entry(NamedTuple):
     finalizer: Any  # removes the segment when the object dies; detached when the entry is replaced
 
 
-_SHIPPED: "weakref.WeakKeyDictionary[Any, dict[Any, _Entry]]" = weakref.WeakKeyDictionary()
+_SHIPPED: weakref.WeakKeyDictionary[Any, dict[Any, _Entry]] = weakref.WeakKeyDictionary()
 
 
 def _same_as_segment(segment: _shm.Segment, new: memoryview) -> bool:
@@ -48,12 +48,15 @@ def _same_as_segment(segment: _shm.Segment, new: memoryview) -> bool:
         return False
     numpy = sys.modules.get("numpy")  # a large buffer almost always comes from numpy
     step = min(_COMPARE_STEP, segment.size)
-    scratch = bytearray(step)
     try:
-        file = open(segment.path, "rb")
+        return _same_bytes(segment, new, numpy, step)
     except OSError:
         return False  # gone (swept, or /dev/shm cleaned by hand): ship anew
-    with file:
+
+
+def _same_bytes(segment: _shm.Segment, new: memoryview, numpy: Any, step: int) -> bool:
+    scratch = bytearray(step)
+    with open(segment.path, "rb") as file:
         for start in range(0, segment.size, step):
             size = min(step, segment.size - start)
             window = memoryview(scratch)[:size]
@@ -61,7 +64,9 @@ def _same_as_segment(segment: _shm.Segment, new: memoryview) -> bool:
                 return False
             theirs = new[start : start + size]
             if numpy is not None:
-                same = numpy.array_equal(numpy.frombuffer(window, numpy.uint8), numpy.frombuffer(theirs, numpy.uint8))
+                same = numpy.array_equal(
+                    numpy.frombuffer(window, numpy.uint8), numpy.frombuffer(theirs, numpy.uint8)
+                )
             else:
                 same = window == theirs
             if not same:
@@ -76,9 +81,11 @@ def _owner(func: Any) -> tuple[Any, Any]:
 
 
 def _unchanged(entry: _Entry, payload: Pickled) -> bool:
-    if bytes(entry.data) != bytes(payload.data) or len(entry.shared.buffers) != len(payload.buffers):
+    if bytes(entry.data) != bytes(payload.data) or len(entry.shared.buffers) != len(
+        payload.buffers
+    ):
         return False
-    for old, new in zip(entry.shared.buffers, payload.buffers):
+    for old, new in zip(entry.shared.buffers, payload.buffers, strict=False):
         if isinstance(old, _shm.Segment):
             if not isinstance(new, memoryview) or not _same_as_segment(old, new.cast("B")):
                 return False
@@ -104,7 +111,11 @@ def ship(func: Any, payload: Any) -> tuple[Any, list[str]]:
         return shared, _wire.segment_paths(shared)
     entry = entries.get(key)
     if entry is not None and _unchanged(entry, payload):
-        _logs.debug("shared memory: %s is unchanged, its %d bytes are not sent again", key or owner, payload.nbytes)
+        _logs.debug(
+            "shared memory: %s is unchanged, its %d bytes are not sent again",
+            key or owner,
+            payload.nbytes,
+        )
         return entry.shared, []
     shared = _wire.share(payload, transient=False, writer="c")
     if shared is payload:
@@ -112,6 +123,10 @@ def ship(func: Any, payload: Any) -> tuple[Any, list[str]]:
     if entry is not None:
         _forget(entry)
     paths = _wire.segment_paths(shared)
-    _logs.debug("shared memory: %d bytes of the callable written once to %s", payload.nbytes, ", ".join(paths))
+    _logs.debug(
+        "shared memory: %d bytes of the callable written once to %s",
+        payload.nbytes,
+        ", ".join(paths),
+    )
     entries[key] = _Entry(bytes(payload.data), shared, weakref.finalize(owner, _shm.unlink, paths))
     return shared, []

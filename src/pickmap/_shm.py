@@ -24,9 +24,10 @@ import mmap
 import os
 import sys
 import threading
-from typing import Any, Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
-__all__ = ("Segment", "write", "map_segment", "unlink", "sweep_dead", "segment_dirs")
+__all__ = ("Segment", "map_segment", "segment_dirs", "sweep_dead", "unlink", "write")
 
 PREFIX = "pickmap-"
 _counter = itertools.count()
@@ -53,7 +54,11 @@ def segment_dirs() -> list[str]:
     if _dirs is None:
         import tempfile  # only when shared memory is first needed
 
-        found = [d for d in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(d) and os.access(d, os.W_OK)]
+        found = [
+            d
+            for d in ("/dev/shm", tempfile.gettempdir())
+            if os.path.isdir(d) and os.access(d, os.W_OK)
+        ]
         _dirs = list(dict.fromkeys(found))
         if os.path.isdir("/dev/shm") and "/dev/shm" not in _dirs:
             _warn_once(PermissionError("/dev/shm is not writable"))
@@ -69,7 +74,10 @@ def _warn_once(error: OSError) -> None:
 
     from . import _logs
 
-    _logs.warning("could not use shared memory (%s): large buffers go through the temp directory or the pipe", error)
+    _logs.warning(
+        "could not use shared memory (%s): large buffers go through the temp directory or the pipe",
+        error,
+    )
 
     warnings.warn(
         f"pickmap could not use shared memory ({error}); large buffers go through the temp directory "
@@ -79,7 +87,9 @@ def _warn_once(error: OSError) -> None:
     )
 
 
-def write(buffers: list[memoryview], *, caller_pid: int, writer: str, reader_unlinks: bool) -> list[Segment] | None:
+def write(
+    buffers: list[memoryview], *, caller_pid: int, writer: str, reader_unlinks: bool
+) -> list[Segment] | None:
     """Write ``buffers`` into one new segment; their locations, or ``None`` if no directory could take them."""
     sweep_dead()
     total = sum(b.nbytes for b in buffers)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .pool import Slot
 
-__all__ = ("Wakeup", "wait_for", "next_deadline")
+__all__ = ("Wakeup", "next_deadline", "wait_for")
 
 _THREAD_POLL = 1.0  # seconds; threads have no sentinel, so look at them this often
 
@@ -78,13 +78,18 @@ def wait_for(slots: list[Slot], timeout: float | None, *, also: int | None = Non
     return wake
 
 
-def next_deadline(slots: list[Slot], *, timeout: float | None, busy: bool, started: Any) -> float | None:
+def next_deadline(
+    slots: list[Slot], *, timeout: float | None, busy: bool, started: Any
+) -> float | None:
     """How long the next wait may last: until the earliest item deadline, a thread check, or forever.
 
     ``started(slot)`` gives the time the slot's current item started (0: none).
     """
     timeouts = [] if busy else [0.05]  # only dead slots to reap: look again soon
-    if any(slot.worker.sentinel is None and slot.worker.waitable is not None and slot.queued for slot in slots):
+    if any(
+        slot.worker.sentinel is None and slot.worker.waitable is not None and slot.queued
+        for slot in slots
+    ):
         timeouts.append(_THREAD_POLL)
     if timeout is not None:
         now = time.monotonic()

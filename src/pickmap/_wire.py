@@ -26,13 +26,26 @@ import collections
 import os
 import pickle
 import struct
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import _shm
 from ._protocol import Message
 from .serializers import Pickled
 
-__all__ = ("SHARE_MIN_BYTES", "share", "resolve", "Outbox", "FrameReader", "read_frame", "to_blob", "from_blob")
+if TYPE_CHECKING:
+    from typing import ClassVar
+
+__all__ = (
+    "SHARE_MIN_BYTES",
+    "FrameReader",
+    "Outbox",
+    "from_blob",
+    "read_frame",
+    "resolve",
+    "share",
+    "to_blob",
+)
 
 #: Buffers this large go through shared memory instead of the pipe.
 SHARE_MIN_BYTES = 256 * 1024
@@ -54,7 +67,7 @@ def _reduce_pickled(payload: Pickled) -> tuple[Any, tuple[Any, ...]]:
 
 
 class _RecordPickler(pickle.Pickler):
-    dispatch_table = {memoryview: _reduce_view, Pickled: _reduce_pickled}
+    dispatch_table: ClassVar = {memoryview: _reduce_view, Pickled: _reduce_pickled}
 
 
 def _dump_records(messages: Sequence[Message], buffers: list[pickle.PickleBuffer] | None) -> bytes:
@@ -91,15 +104,22 @@ def share(payload: Any, *, transient: bool, writer: str) -> Any:
     """
     if not isinstance(payload, Pickled):
         return payload
-    large = [i for i, b in enumerate(payload.buffers) if isinstance(b, memoryview) and b.nbytes >= SHARE_MIN_BYTES]
+    large = [
+        i
+        for i, b in enumerate(payload.buffers)
+        if isinstance(b, memoryview) and b.nbytes >= SHARE_MIN_BYTES
+    ]
     if not large:
         return payload
-    views = [payload.buffers[i].cast("B") if payload.buffers[i].format != "B" else payload.buffers[i] for i in large]
+    views = [
+        payload.buffers[i].cast("B") if payload.buffers[i].format != "B" else payload.buffers[i]
+        for i in large
+    ]
     segments = _shm.write(views, caller_pid=_caller_pid(), writer=writer, reader_unlinks=transient)
     if segments is None:
         return payload
     buffers = list(payload.buffers)
-    for i, segment in zip(large, segments):
+    for i, segment in zip(large, segments, strict=False):
         buffers[i] = segment
     return Pickled(payload.data, tuple(buffers))
 
@@ -133,7 +153,9 @@ class Mappings:
 
     def resolve(self, payload: Any) -> Any:
         """``payload`` with every segment replaced by a view of its mapping."""
-        if not isinstance(payload, Pickled) or not any(isinstance(b, _shm.Segment) for b in payload.buffers):
+        if not isinstance(payload, Pickled) or not any(
+            isinstance(b, _shm.Segment) for b in payload.buffers
+        ):
             return payload
         opened: dict[str, Any] = {}
         buffers = []
@@ -176,7 +198,9 @@ class Outbox:
 
     def put(self, messages: Sequence[Message]) -> None:
         for piece in encode(messages):
-            view = memoryview(piece).cast("B") if not isinstance(piece, bytes) else memoryview(piece)
+            view = (
+                memoryview(piece).cast("B") if not isinstance(piece, bytes) else memoryview(piece)
+            )
             if view.nbytes:
                 self._pieces.append(view)
         self.flush()

@@ -52,7 +52,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import _logs, _shm, _wire
 from ._protocol import (
@@ -72,7 +73,15 @@ from ._protocol import (
 )
 from .serializers import Serializer, get_serializer
 
-__all__ = ("in_worker", "mark_worker", "WorkerState", "serve", "run_job", "process_main", "run_items")
+__all__ = (
+    "WorkerState",
+    "in_worker",
+    "mark_worker",
+    "process_main",
+    "run_items",
+    "run_job",
+    "serve",
+)
 
 # Set in every pickmap worker process; nested pmap calls read it (and the thread-local below).
 _IN_WORKER = False
@@ -81,7 +90,11 @@ _THREAD = threading.local()
 
 def in_worker() -> bool:
     """True inside a pickmap worker process, worker thread, or a task an executor runs for pickmap."""
-    return _IN_WORKER or getattr(_THREAD, "in_task", False) or getattr(threading.current_thread(), "_pickmap_worker", False)
+    return (
+        _IN_WORKER
+        or getattr(_THREAD, "in_task", False)
+        or getattr(threading.current_thread(), "_pickmap_worker", False)
+    )
 
 
 class mark_worker:
@@ -117,7 +130,7 @@ def run_items(
     if progress is None and not collect:
         try:
             results.extend(itertools.starmap(func, items) if star else map(func, items))
-        except BaseException as exc:  # noqa: BLE001 - everything is reported back
+        except BaseException as exc:
             return results, start + len(results), exc
         if len(results) < len(items):
             # map() ends quietly when func raises StopIteration, and keeps no
@@ -132,7 +145,7 @@ def run_items(
             progress[0] = start + offset
         try:
             results.append(func(*item) if star else func(item))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             if isinstance(exc, StopIteration):
                 exc = stop_iteration_error(func, start + offset, exc)
             if not collect or isinstance(exc, KeyboardInterrupt):
@@ -145,7 +158,9 @@ def run_items(
     return results, None, None
 
 
-def stop_iteration_error(func: Callable[..., Any], index: int, exc: StopIteration | None) -> RuntimeError:
+def stop_iteration_error(
+    func: Callable[..., Any], index: int, exc: StopIteration | None
+) -> RuntimeError:
     """What a ``StopIteration`` raised by ``func`` on item ``index`` becomes: a ``RuntimeError``.
 
     Raised as itself, it would end whatever loop consumes the results (a
@@ -165,7 +180,7 @@ def stop_iteration_error(func: Callable[..., Any], index: int, exc: StopIteratio
 def _safe_text(render: Callable[[], str], exc: BaseException) -> str:
     try:
         return render()
-    except BaseException as failure:  # noqa: BLE001 - a broken __repr__ must not kill the worker
+    except BaseException as failure:
         return f"<{type(exc).__qualname__}: rendering it raised {type(failure).__name__}>"
 
 
@@ -175,7 +190,9 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
 
     return (
         _safe_text(lambda: repr(exc), exc),
-        _safe_text(lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), exc),
+        _safe_text(
+            lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), exc
+        ),
     )
 
 
@@ -197,7 +214,9 @@ def limit_inner_threads(threads: int) -> None:
         _inner_limit.restore_original_limits()  # a warm worker: the last call's limit goes first
         _inner_limit = None
     if threads > 0:
-        _inner_limit = threadpool_limits(limits=threads)  # kept for the process's life, not a context
+        _inner_limit = threadpool_limits(
+            limits=threads
+        )  # kept for the process's life, not a context
     _inner_threads = threads
 
 
@@ -209,7 +228,9 @@ class WorkerState:
     across calls; ``own_process`` (not a thread of the caller) may cap BLAS pools.
     """
 
-    def __init__(self, progress: Any = None, *, share_results: bool = False, own_process: bool = False) -> None:
+    def __init__(
+        self, progress: Any = None, *, share_results: bool = False, own_process: bool = False
+    ) -> None:
         self.progress = progress
         self.own_process = own_process
         self.share_results = share_results
@@ -217,7 +238,9 @@ class WorkerState:
         self.spec: CallSpec | None = None
         self.serializer: Serializer = get_serializer("identity")
         self.func: Callable[..., Any] | None = None
-        self.logs: Any = None  # _logs.Forwarder, once the caller's logging is known to be configured
+        self.logs: Any = (
+            None  # _logs.Forwarder, once the caller's logging is known to be configured
+        )
 
     def handle(self, message: Message) -> list[Message]:
         if isinstance(message, Setup):
@@ -239,7 +262,7 @@ class WorkerState:
             initializer, initargs = setup
             try:
                 initializer(*initargs)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 return [self._failure("initializer", None, exc)]
         self._ready(func)
         return []
@@ -251,7 +274,9 @@ class WorkerState:
 
     def _ready(self, func: Callable[..., Any]) -> None:
         if self.own_process and self.spec is not None:
-            limit_inner_threads(self.spec.inner_threads)  # after loading: the callable may have imported numpy
+            limit_inner_threads(
+                self.spec.inner_threads
+            )  # after loading: the callable may have imported numpy
             if self.spec.log_level is not None:
                 self.logs = _logs.install_forwarder(self.spec.log_level)
         self.func = func
@@ -286,7 +311,7 @@ class WorkerState:
                 initializer, initargs = self._load(setup.init)
                 stage = "initializer"
                 initializer(*initargs)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             return [self._failure(stage, None, exc)]
         finally:
             self._clock(-2)
@@ -305,24 +330,41 @@ class WorkerState:
             self._clock(task.start)
             try:
                 items = self._load(task.items)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 return [self._failure("items", task.start, exc)]
             began = time.perf_counter()
             progress = self.progress if spec.timed else None
             results, failed_at, exc = run_items(
-                self.func, items, task.start, star=spec.star, collect=spec.collect, progress=progress
+                self.func,
+                items,
+                task.start,
+                star=spec.star,
+                collect=spec.collect,
+                progress=progress,
             )
             elapsed = time.perf_counter() - began
             if exc is not None:
                 assert failed_at is not None
                 exc_repr, remote_tb = describe_exception(exc)
-                return [Raised(task.seq, failed_at, exc_repr, remote_tb, self._dump_or_none(exc), self._dump_or_none(results))]
+                return [
+                    Raised(
+                        task.seq,
+                        failed_at,
+                        exc_repr,
+                        remote_tb,
+                        self._dump_or_none(exc),
+                        self._dump_or_none(results),
+                    )
+                ]
             if spec.collect:
-                results = [self._sendable_exception(r) if isinstance(r, BaseException) else r for r in results]
+                results = [
+                    self._sendable_exception(r) if isinstance(r, BaseException) else r
+                    for r in results
+                ]
             self._clock(task.start + max(len(results) - 1, 0))
             try:
                 payload = self._dump(results)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 index, bad = self._first_unsendable(results, task.start)
                 reason = f"{type(exc).__name__}: {_safe_text(lambda: str(exc), exc)}"
                 return [Unsendable(task.seq, index, type(bad).__qualname__, reason)]
@@ -333,7 +375,7 @@ class WorkerState:
     def _dump_or_none(self, obj: Any) -> Any:
         try:
             return self._dump(obj)
-        except BaseException:  # noqa: BLE001 - the repr/traceback still travel
+        except BaseException:
             return None
 
     def _sendable_exception(self, exc: BaseException) -> BaseException:
@@ -343,7 +385,7 @@ class WorkerState:
         try:
             self.serializer.load(self.serializer.dump(exc))
             return exc
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             from .errors import WorkerError
 
             exc_repr, remote_tb = describe_exception(exc)
@@ -359,12 +401,14 @@ class WorkerState:
         for offset, result in enumerate(results):
             try:
                 self.serializer.dump(result)
-            except BaseException:  # noqa: BLE001
+            except BaseException:
                 return start + offset, result
         return start, results  # the list as a whole failed (should not happen)
 
 
-def serve(recv: Callable[[], Sequence[Message]], send: Callable[[list[Message]], None], state: WorkerState) -> None:
+def serve(
+    recv: Callable[[], Sequence[Message]], send: Callable[[list[Message]], None], state: WorkerState
+) -> None:
     """The loop of a sticky worker (process or thread)."""
     while True:
         replies: list[Message] = []
@@ -466,7 +510,7 @@ def process_main(
         try:
             while True:
                 inbox.put(_wire.read_frame(fd))
-        except BaseException:  # noqa: BLE001 - EOF, or anything else: stop the worker
+        except BaseException:
             inbox.put(None)
 
     threading.Thread(target=read_forever, name="pickmap-reader", daemon=True).start()

@@ -10,21 +10,22 @@ pool from ``pool.py``.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
+from . import _logs
 from . import pool as pools
+from ._progress import resolve_progress
 from ._settings import (
     check_positive_int,
+    check_retries,
     check_timeout,
     resolve_idle_timeout,
-    check_retries,
     resolve_inner_threads,
     resolve_max_tasks,
     resolve_start_method,
     resolve_workers,
 )
-from . import _logs
-from ._progress import resolve_progress
 from ._worker import in_worker
 from .backends.base import Backend
 from .chunking import Chunker, input_length
@@ -33,7 +34,7 @@ from .errors import SerializationError
 from .probe import Plan, Verdict, all_verdicts, choose, try_backend
 from .registry import LADDER, get_backend, select_backend
 
-__all__ = ("pmap", "imap", "explain")
+__all__ = ("explain", "imap", "pmap")
 
 _NOTHING = object()
 _NESTED_OK = ("thread", "serial")
@@ -57,7 +58,9 @@ def _check_arguments(
     initargs: Any,
 ) -> tuple[list[Iterator[Any]], float | None]:
     if not callable(func):
-        raise TypeError(f"{api}() needs a callable as its first argument, not {type(func).__name__} {func!r:.60}")
+        raise TypeError(
+            f"{api}() needs a callable as its first argument, not {type(func).__name__} {func!r:.60}"
+        )
     if not iterables:
         raise TypeError(f"{api}() needs at least one iterable after the function, as map() does")
     iterators = []
@@ -98,7 +101,9 @@ def _prepare(
     progress: Any = None,
     explaining: bool = False,
 ) -> _Prepared:
-    iterators, timeout = _check_arguments(api, func, iterables, workers, chunksize, timeout, initializer, initargs)
+    iterators, timeout = _check_arguments(
+        api, func, iterables, workers, chunksize, timeout, initializer, initargs
+    )
     retries = check_retries(retries)
     max_tasks = resolve_max_tasks(max_tasks_per_worker)
     length = input_length(iterables)
@@ -111,7 +116,7 @@ def _prepare(
         name, source = "serial", "nested"
 
     star = len(iterators) > 1
-    items: Iterator[Any] = zip(*iterators) if star else iterators[0]
+    items: Iterator[Any] = zip(*iterators, strict=False) if star else iterators[0]
     first = next(items, _NOTHING)
     sample = [] if first is _NOTHING else [first]
     if sample:
@@ -121,7 +126,9 @@ def _prepare(
     chosen: Backend | None = name if isinstance(name, Backend) else None
     if name is None:
         # explain() probes afresh, so its verdict table and its choice agree.
-        name, payload, init_payload, verdicts = choose(func, sample, setup, use_cache=not explaining)
+        name, payload, init_payload, verdicts = choose(
+            func, sample, setup, use_cache=not explaining
+        )
     else:
         verdict, payload, init_payload = try_backend(name, func, sample, setup=setup)
         if not verdict.ok and not explaining:
@@ -138,32 +145,59 @@ def _prepare(
     if chosen.max_workers is not None:
         size = min(size, chosen.max_workers)
     runs_on = chosen.describe() if explaining else None
-    plan = Plan(chosen.name, source, size, method if chosen.start_methods else None, tuple(verdicts), runs_on)
+    plan = Plan(
+        chosen.name,
+        source,
+        size,
+        method if chosen.start_methods else None,
+        tuple(verdicts),
+        runs_on,
+    )
     if not sample:
-        empty = None if explaining else resolve_progress(progress, 0)  # checked all the same: a bar at 0/0
+        empty = (
+            None if explaining else resolve_progress(progress, 0)
+        )  # checked all the same: a bar at 0/0
         if empty is not None:
             empty.close()
         return _Prepared(plan, None, None, idle_timeout)
     sink = None if explaining else resolve_progress(progress, length)
     _logs.debug(
         "%s(%s): backend %s (from %s), %d workers, start method %s, chunksize %s",
-        api, getattr(func, "__qualname__", type(func).__qualname__), plan.backend, source, size,
-        plan.start_method, chunksize or "automatic",
-    )  # fmt: skip
+        api,
+        getattr(func, "__qualname__", type(func).__qualname__),
+        plan.backend,
+        source,
+        size,
+        plan.start_method,
+        chunksize or "automatic",
+    )
 
     call = Call(
-        func, chosen, payload, init_payload, star=star, collect=return_exceptions, timeout=timeout,
-        forced=source in ("argument", "environment"), setup_objects=setup,
-        inner_threads=resolve_inner_threads(inner_threads, size), max_tasks=max_tasks, retries=retries,
+        func,
+        chosen,
+        payload,
+        init_payload,
+        star=star,
+        collect=return_exceptions,
+        timeout=timeout,
+        forced=source in ("argument", "environment"),
+        setup_objects=setup,
+        inner_threads=resolve_inner_threads(inner_threads, size),
+        max_tasks=max_tasks,
+        retries=retries,
         progress=sink,
-    )  # fmt: skip
+    )
     if call.timed and not chosen.reports_progress:
-        chunksize = 1  # no per-item progress: each task's clock starts when its one item is handed over
+        chunksize = (
+            1  # no per-item progress: each task's clock starts when its one item is handed over
+        )
     chunker = Chunker(items, length, size, chunksize, func, largest=max_tasks)
     return _Prepared(plan, call, chunker, idle_timeout)
 
 
-def _raise_cannot_carry(name: str | Backend, source: str, verdict: Verdict, func: Any, sample: list[Any], setup: Any) -> None:
+def _raise_cannot_carry(
+    name: str | Backend, source: str, verdict: Verdict, func: Any, sample: list[Any], setup: Any
+) -> None:
     name = name.name if isinstance(name, Backend) else name
     capable = [v.backend for v in all_verdicts(func, sample, setup) if v.ok and v.backend != name]
     where = {"argument": "backend=", "environment": "PICKMAP_BACKEND"}.get(source, source)
@@ -176,14 +210,18 @@ def _raise_cannot_carry(name: str | Backend, source: str, verdict: Verdict, func
     )
 
 
-def _run(prepared: _Prepared, *, ordered: bool, eager_errors: bool, bounded: bool) -> Iterator[list[Any]]:
+def _run(
+    prepared: _Prepared, *, ordered: bool, eager_errors: bool, bounded: bool
+) -> Iterator[list[Any]]:
     """Run the prepared call on a warm pool; yield one list of results per chunk."""
     call, chunker, plan = prepared.call, prepared.chunker, prepared.plan
     if call is None or chunker is None:
         return
     pool = pools.acquire(call.backend, plan.start_method, plan.workers, prepared.idle_timeout)
     try:
-        yield from execute(pool, call, chunker, ordered=ordered, eager_errors=eager_errors, bounded=bounded)
+        yield from execute(
+            pool, call, chunker, ordered=ordered, eager_errors=eager_errors, bounded=bounded
+        )
     finally:
         pools.release(pool)
         if call.progress is not None:
@@ -250,11 +288,22 @@ def pmap(
     ``mpi4py``'s): chunks become its tasks; pickmap never shuts it down.
     """
     prepared = _prepare(
-        "pmap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
-        initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
-        inner_threads=inner_threads, max_tasks_per_worker=max_tasks_per_worker, retries=retries,
+        "pmap",
+        func,
+        iterables,
+        backend=backend,
+        workers=workers,
+        chunksize=chunksize,
+        timeout=timeout,
+        initializer=initializer,
+        initargs=initargs,
+        start_method=start_method,
+        return_exceptions=return_exceptions,
+        inner_threads=inner_threads,
+        max_tasks_per_worker=max_tasks_per_worker,
+        retries=retries,
         progress=progress,
-    )  # fmt: skip
+    )
     results: list[Any] = []
     for chunk_results in _run(prepared, ordered=True, eager_errors=True, bounded=False):
         results.extend(chunk_results)
@@ -289,11 +338,22 @@ def imap(
     the first ``next()``. Closing the iterator early cancels what is running.
     """
     prepared = _prepare(
-        "imap", func, iterables, backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
-        initializer=initializer, initargs=initargs, start_method=start_method, return_exceptions=return_exceptions,
-        inner_threads=inner_threads, max_tasks_per_worker=max_tasks_per_worker, retries=retries,
+        "imap",
+        func,
+        iterables,
+        backend=backend,
+        workers=workers,
+        chunksize=chunksize,
+        timeout=timeout,
+        initializer=initializer,
+        initargs=initargs,
+        start_method=start_method,
+        return_exceptions=return_exceptions,
+        inner_threads=inner_threads,
+        max_tasks_per_worker=max_tasks_per_worker,
+        retries=retries,
         progress=progress,
-    )  # fmt: skip
+    )
     return _stream(_run(prepared, ordered=ordered, eager_errors=not ordered, bounded=True))
 
 
@@ -307,6 +367,16 @@ def explain(func: Callable[..., Any], *iterables: Iterable[Any], backend: Any = 
     if not iterables:
         iterables = ((),)
     return _prepare(
-        "explain", func, iterables, backend=backend, workers=None, chunksize=None, timeout=None,
-        initializer=None, initargs=(), start_method=None, return_exceptions=False, explaining=True,
-    ).plan  # fmt: skip
+        "explain",
+        func,
+        iterables,
+        backend=backend,
+        workers=None,
+        chunksize=None,
+        timeout=None,
+        initializer=None,
+        initargs=(),
+        start_method=None,
+        return_exceptions=False,
+        explaining=True,
+    ).plan

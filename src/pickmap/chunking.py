@@ -28,7 +28,8 @@ import itertools
 import math
 import types
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 TARGET_SECONDS = 0.02
 MIN_CHUNK_SECONDS = 0.005
@@ -38,7 +39,7 @@ PREFETCH_BELOW_SECONDS = 0.01
 MAX_ADAPTIVE = 1 << 14
 
 # function (weakly) -> seconds per item seen in its last call
-_SECONDS_PER_ITEM: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
+_SECONDS_PER_ITEM: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
 def _timing_key(func: Any) -> Any:
@@ -99,8 +100,10 @@ class Chunker:
             return None
         items: list[Any] = []
         try:
-            items.extend(itertools.islice(self._items, self._next_size()))  # extend keeps what came before
-        except Exception as exc:  # noqa: BLE001 - the input's own error, raised by the engine later
+            items.extend(
+                itertools.islice(self._items, self._next_size())
+            )  # extend keeps what came before
+        except Exception as exc:
             self.input_error = exc
         if not items:
             return None
@@ -135,7 +138,9 @@ class Chunker:
         per_item = max(self._per_item, 1e-9)
         left = self._length - self._next_start
         guided = math.ceil(left / (GUIDED_SHARES * self._workers))
-        longest = max(1, int(LONGEST_CHUNK_SECONDS / per_item + 1e-6))  # 1e-6: float noise at exact ratios
+        longest = max(
+            1, int(LONGEST_CHUNK_SECONDS / per_item + 1e-6)
+        )  # 1e-6: float noise at exact ratios
         worth_a_message = math.ceil(MIN_CHUNK_SECONDS / per_item)
         return max(1, min(self.size, max(min(guided, longest), worth_a_message)))
 

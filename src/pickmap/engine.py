@@ -27,9 +27,10 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
-from . import _deaths, _logs, _replies, _shipping, _shm, _waiting, _wire
+from . import _deaths, _logs, _replies, _shipping, _shm, _waiting, _wire, errors
 from ._protocol import (
     CALLER_TOKEN,
     Bye,
@@ -48,7 +49,6 @@ from ._protocol import (
 )
 from .backends.base import Backend, Inheritance
 from .chunking import Chunker
-from . import errors
 from .pool import Slot, WorkerPool
 from .serializers import Serializer, copies_locks, get_serializer
 
@@ -95,15 +95,25 @@ class Call:
         self.label = getattr(func, "__qualname__", None) or type(func).__qualname__
         self.uses_shared_memory = self.serializer.by_value and backend.shares_files
         self.spec = CallSpec(
-            next(_call_ids), CALLER_TOKEN, backend.serializer, star, collect, self.timed, self.uses_shared_memory,
+            next(_call_ids),
+            CALLER_TOKEN,
+            backend.serializer,
+            star,
+            collect,
+            self.timed,
+            self.uses_shared_memory,
             inner_threads if backend.processes else 0,
-            _logs.caller_level() if backend.processes and backend.shares_files else None,  # not to a cluster
-        )  # fmt: skip
+            _logs.caller_level()
+            if backend.processes and backend.shares_files
+            else None,  # not to a cluster
+        )
         self._func_payload = func_payload
         self._init_payload = init_payload
         self._setup: Setup | None = None
         self._segments: list[str] = []  # removed when the call ends
-        self.item_segments: dict[int, list[str]] = {}  # chunk seq -> segments its reader has not removed yet
+        self.item_segments: dict[
+            int, list[str]
+        ] = {}  # chunk seq -> segments its reader has not removed yet
 
     @property
     def id(self) -> int:
@@ -161,7 +171,16 @@ class Chunk(NamedTuple):
 class _Run:
     """One call's state: what is in flight, what is finished, what to emit next."""
 
-    def __init__(self, pool: WorkerPool, call: Call, chunker: Chunker, *, ordered: bool, eager_errors: bool, bounded: bool) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        call: Call,
+        chunker: Chunker,
+        *,
+        ordered: bool,
+        eager_errors: bool,
+        bounded: bool,
+    ) -> None:
         self.pool = pool
         self.call = call
         self.chunker = chunker
@@ -196,8 +215,11 @@ class _Run:
                         if error is not None:
                             raise error
                     continue  # emitting made room under the cap: dispatch before waiting
-                if not self.inflight and not self.requeued and not self.finished and (
-                    self.source_done or self.failed_seq is not None
+                if (
+                    not self.inflight
+                    and not self.requeued
+                    and not self.finished
+                    and (self.source_done or self.failed_seq is not None)
                 ):
                     if self.chunker.input_error is not None and self.failed_seq is None:
                         # The input raised: now that every result before it is out, as map() would.
@@ -241,8 +263,10 @@ class _Run:
 
     # ------------------------------------------------------------------ scheduling
     def _dispatch(self) -> None:
-        while self.failure is None and len(self.inflight) < self.limit and (
-            self.cap is None or len(self.inflight) + len(self.finished) < self.cap
+        while (
+            self.failure is None
+            and len(self.inflight) < self.limit
+            and (self.cap is None or len(self.inflight) + len(self.finished) < self.cap)
         ):
             # Asked before a new chunk is taken, so it judges that chunk.
             depth = None if self.chunker.wants_prefetch() and self.call.max_tasks is None else 1
@@ -283,7 +307,7 @@ class _Run:
         seq = next(self.seqs)
         try:
             payload = self.call.items_payload(seq, items)
-        except Exception:  # noqa: BLE001
+        except Exception:
             raise _replies.unsendable_item(self.call, start, items) from None
         return Chunk(seq, start, len(items), payload)
 
@@ -333,7 +357,9 @@ class _Run:
             # Threads have no sentinel: look at them when the periodic wake-up fires.
             maybe_dead = slot in wake.deaths if slot.worker.sentinel is not None else wake.timed_out
             if maybe_dead and slot in self.pool.slots and slot.worker.exitcode() is not None:
-                self._drain(slot, out)  # whatever it wrote before dying (results, Bye) is still in the pipe
+                self._drain(
+                    slot, out
+                )  # whatever it wrote before dying (results, Bye) is still in the pipe
                 error, again = _deaths.on_death(self.pool, self.call, slot, self.attempts)
                 self._run_again(again)
                 self._fail(error)
@@ -390,7 +416,7 @@ class _Run:
             chunk = self._take(slot, message.seq)
             try:
                 results = _replies.load(call, message.results)
-            except Exception as exc:  # noqa: BLE001 - e.g. a result whose __reduce__ fails on load
+            except Exception as exc:
                 self._fail(_replies.unloadable_results(call, chunk, exc))
                 return None
             self.chunker.observe(chunk.count, message.seconds)
@@ -403,12 +429,16 @@ class _Run:
             chunk = self._take(slot, message.seq)
             error = _replies.raised_error(call, message)
             if self.eager_errors:
-                _shm.unlink(_wire.segment_paths(message.partial))  # not needed: only remove its segments
+                _shm.unlink(
+                    _wire.segment_paths(message.partial)
+                )  # not needed: only remove its segments
                 self._fail(error)
                 return None
             partial = _replies.load(call, message.partial) if message.partial is not None else []
             self.finished[chunk.seq] = (partial, error)
-            self.failed_seq = chunk.seq if self.failed_seq is None else min(self.failed_seq, chunk.seq)
+            self.failed_seq = (
+                chunk.seq if self.failed_seq is None else min(self.failed_seq, chunk.seq)
+            )
         elif isinstance(message, Unsendable):
             self._take(slot, message.seq)
             self._fail(_replies.unsendable_result(call, message))
@@ -418,14 +448,24 @@ class _Run:
                 self._run_again([chunk])
                 self.pool.remove(slot, kill=True)  # a fresh worker (an owned executor is remade)
             else:
-                self._fail(_replies.lost_error(call, chunk, message, self.attempts.history(chunk.seq)))
+                self._fail(
+                    _replies.lost_error(call, chunk, message, self.attempts.history(chunk.seq))
+                )
         else:  # pragma: no cover
             raise RuntimeError(f"pickmap: unexpected reply {message!r} from a worker")
         return None
 
 
 def execute(
-    pool: WorkerPool, call: Call, chunker: Chunker, *, ordered: bool, eager_errors: bool, bounded: bool
+    pool: WorkerPool,
+    call: Call,
+    chunker: Chunker,
+    *,
+    ordered: bool,
+    eager_errors: bool,
+    bounded: bool,
 ) -> Iterator[list[Any]]:
     """Run ``call`` on ``pool``; yield one list of results per chunk."""
-    return _Run(pool, call, chunker, ordered=ordered, eager_errors=eager_errors, bounded=bounded).results()
+    return _Run(
+        pool, call, chunker, ordered=ordered, eager_errors=eager_errors, bounded=bounded
+    ).results()

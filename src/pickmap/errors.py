@@ -24,17 +24,18 @@ original type, with the worker's traceback attached as ``__cause__`` (a
 from __future__ import annotations
 
 import pickle
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 __all__ = (
-    "PickmapError",
-    "UnknownBackendError",
     "BackendUnavailableError",
-    "SerializationError",
-    "WorkerCrashedError",
-    "TaskTimeoutError",
-    "WorkerError",
+    "PickmapError",
     "RemoteTraceback",
+    "SerializationError",
+    "TaskTimeoutError",
+    "UnknownBackendError",
+    "WorkerCrashedError",
+    "WorkerError",
 )
 
 
@@ -107,7 +108,9 @@ class SerializationError(PickmapError, pickle.PicklingError):
         super().__init__(message)
 
 
-def _crash_error_init(self: Any, message: str, *, exitcode: int | None, indices: Sequence[int]) -> None:
+def _crash_error_init(
+    self: Any, message: str, *, exitcode: int | None, indices: Sequence[int]
+) -> None:
     self.exitcode = exitcode
     self.indices = tuple(indices)
     PickmapError.__init__(self, message)
@@ -123,7 +126,9 @@ if TYPE_CHECKING:
     from concurrent.futures import BrokenExecutor
 
     class WorkerCrashedError(PickmapError, BrokenExecutor):
-        def __init__(self, message: str, *, exitcode: int | None, indices: Sequence[int]) -> None: ...
+        def __init__(
+            self, message: str, *, exitcode: int | None, indices: Sequence[int]
+        ) -> None: ...
 
 else:
 
@@ -164,7 +169,9 @@ class WorkerError(PickmapError, RuntimeError):
     arguments). ``exc_repr`` and ``remote_traceback`` keep what is known.
     """
 
-    def __init__(self, message: str, *, exc_repr: str, remote_traceback: str, index: int | None) -> None:
+    def __init__(
+        self, message: str, *, exc_repr: str, remote_traceback: str, index: int | None
+    ) -> None:
         self.exc_repr = exc_repr
         self.remote_traceback = remote_traceback
         self.index = index

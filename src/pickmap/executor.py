@@ -114,7 +114,7 @@ def _travels(exc: BaseException) -> bool:
 def _round_trips(module: Any, exc: BaseException) -> bool:
     try:
         module.loads(module.dumps(exc))
-    except Exception:  # noqa: BLE001 - any failure means "cannot travel this way"
+    except Exception:
         return False
     return True
 
@@ -141,12 +141,12 @@ class _Apply:
             for item_args in args:
                 try:
                     results.append(self.fn(*item_args))
-                except BaseException as exc:  # noqa: BLE001 - every outcome goes to its future
+                except BaseException as exc:
                     return index, results, self._failure(exc)
             return index, results, None
         try:
             return index, self.fn(*args, **kwargs), None
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             return index, None, self._failure(exc)
 
     def _failure(self, exc: BaseException) -> _Failure:
@@ -176,7 +176,9 @@ def _rebuild(failure: _Failure, fn: Any) -> BaseException:
 class _WorkItem:
     __slots__ = ("args", "fn", "future", "kwargs")
 
-    def __init__(self, future: Future[Any], fn: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, future: Future[Any], fn: Callable[..., Any], args: Any, kwargs: dict[str, Any]
+    ) -> None:
         self.future = future
         self.fn = fn
         self.args = args
@@ -201,7 +203,11 @@ class _State:
     def close(self, cancel_futures: bool = False) -> list[_WorkItem]:
         with self.lock:
             self.closing = True
-            dropped = [item for queue in self.pending.values() for item in queue] if cancel_futures else []
+            dropped = (
+                [item for queue in self.pending.values() for item in queue]
+                if cancel_futures
+                else []
+            )
             if cancel_futures:
                 self.pending.clear()
             self.wakeup.notify_all()
@@ -241,7 +247,9 @@ def _dispatch(state: _State) -> None:
                 key, queue = next(iter(state.pending.items()))
                 fn, owed = queue[0].fn, len(queue)
             _run_group(state, key, fn, owed)
-    except BaseException as error:  # pragma: no cover - a bug here must not leave futures waiting forever
+    except (
+        BaseException
+    ) as error:  # pragma: no cover - a bug here must not leave futures waiting forever
         with state.lock:
             state.broken = f"the pickmap.Executor dispatcher failed: {error!r}"
             dropped = [item for queue in state.pending.values() for item in queue]
@@ -289,13 +297,15 @@ def _run_group(state: _State, key: Hashable, fn: Callable[..., Any], owed: int) 
                 item.future.set_result(value)
             else:
                 item.future.set_exception(_rebuild(failure, fn))
-    except Exception as error:  # noqa: BLE001 - a failure of the whole call (crash, timeout, serialization)
+    except Exception as error:
         for item in taken.values():
             if not item.future.done():
                 item.future.set_exception(error)
         return
     for item in taken.values():  # pragma: no cover - pickmap returns one result per input
-        item.future.set_exception(RuntimeError("pickmap.Executor: pickmap returned no result for this task"))
+        item.future.set_exception(
+            RuntimeError("pickmap.Executor: pickmap returned no result for this task")
+        )
 
 
 def _check_options(
@@ -342,10 +352,14 @@ class Executor(_StdExecutor):
         initializer: Callable[..., Any] | None = None,
         initargs: Sequence[Any] = (),
     ) -> None:
-        self._state = _State(_check_options(backend, workers, start_method, timeout, initializer, initargs))
+        self._state = _State(
+            _check_options(backend, workers, start_method, timeout, initializer, initargs)
+        )
         # Collected without shutdown(): let queued work finish and the thread exit.
         finalizer = weakref.finalize(self, self._state.close)
-        finalizer.atexit = False  # exit is handled by _on_interpreter_exit, before threads are joined
+        finalizer.atexit = (
+            False  # exit is handled by _on_interpreter_exit, before threads are joined
+        )
         with _live_lock:
             _live_states.add(self._state)
 
@@ -353,7 +367,9 @@ class Executor(_StdExecutor):
         """Schedule ``fn(*args, **kwargs)``; return its :class:`~concurrent.futures.Future`."""
         return self._enqueue(fn, _callable_key(fn, False), args, kwargs)
 
-    def _enqueue(self, fn: Callable[..., Any], key: Hashable, args: Any, kwargs: dict[str, Any]) -> Future[Any]:
+    def _enqueue(
+        self, fn: Callable[..., Any], key: Hashable, args: Any, kwargs: dict[str, Any]
+    ) -> Future[Any]:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__} {fn!r:.60}")
         state = self._state
@@ -365,10 +381,15 @@ class Executor(_StdExecutor):
             if state.closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future: Future[Any] = Future()
-            state.pending.setdefault(key, collections.deque()).append(_WorkItem(future, fn, args, kwargs))
+            state.pending.setdefault(key, collections.deque()).append(
+                _WorkItem(future, fn, args, kwargs)
+            )
             if state.thread is None:
                 state.thread = threading.Thread(
-                    target=_dispatch, args=(state,), name="pickmap.Executor", daemon=_register_exit is None
+                    target=_dispatch,
+                    args=(state,),
+                    name="pickmap.Executor",
+                    daemon=_register_exit is None,
                 )
                 state.thread.start()
             state.wakeup.notify()
@@ -389,7 +410,7 @@ class Executor(_StdExecutor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         deadline = None if timeout is None else time.monotonic() + timeout
-        items = zip(*iterables)
+        items = zip(*iterables, strict=False)
         if chunksize == 1:
             futures = [self.submit(fn, *args) for args in items]
         else:
@@ -410,7 +431,7 @@ class Executor(_StdExecutor):
 
 
 def _take(items: Iterator[Any], count: int) -> Iterator[Any]:
-    for _, item in zip(range(count), items):
+    for _, item in zip(range(count), items, strict=False):
         yield item
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from .backends.base import Backend, Inheritance, Worker, WorkerStart
 
-__all__ = ("WorkerPool", "Slot", "acquire", "release", "shutdown")
+__all__ = ("Slot", "WorkerPool", "acquire", "release", "shutdown")
 
 _GRACE = 2.0  # seconds a stopping worker gets before it is killed
 
@@ -42,8 +42,18 @@ class Slot:
     """A worker plus the engine's bookkeeping about it."""
 
     __slots__ = (
-        "worker", "queued", "call_id", "owner", "tainted", "said_bye", "eof", "ready", "handed_at", "items_run", "retiring",
-    )  # fmt: skip
+        "call_id",
+        "eof",
+        "handed_at",
+        "items_run",
+        "owner",
+        "queued",
+        "ready",
+        "retiring",
+        "said_bye",
+        "tainted",
+        "worker",
+    )
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -54,7 +64,9 @@ class Slot:
         self.said_bye = False  # exited after its idle timeout
         self.eof = False  # its channel closed: dead or dying
         self.ready = False  # a process worker said Ready: it started
-        self.handed_at = 0.0  # when its oldest queued chunk was handed over (for timeouts without progress)
+        self.handed_at = (
+            0.0  # when its oldest queued chunk was handed over (for timeouts without progress)
+        )
         self.items_run = 0  # over its whole life (max_tasks_per_worker)
         self.retiring = False  # has run its share of items: gets no more chunks
 
@@ -64,7 +76,9 @@ class Slot:
 
 
 class WorkerPool:
-    def __init__(self, backend: Backend, start_method: str | None, size: int, idle_timeout: float) -> None:
+    def __init__(
+        self, backend: Backend, start_method: str | None, size: int, idle_timeout: float
+    ) -> None:
         self.backend = backend
         self.start_method = start_method
         self.size = size
@@ -77,7 +91,9 @@ class WorkerPool:
         # Calls that found no worker free, first come first served; each has a pipe
         # that is written when a worker is handed back to it.
         self._waiting: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
-        self._paused: set[int] = set()  # calls whose consumer holds them at a yield (an imap not iterated now)
+        self._paused: set[int] = (
+            set()
+        )  # calls whose consumer holds them at a yield (an imap not iterated now)
 
     @property
     def key(self) -> tuple[str, str | None, int]:
@@ -88,7 +104,9 @@ class WorkerPool:
         with self.lock:
             return [s for s in self.slots if s.owner == call_id]
 
-    def pick(self, call_id: int, inheritance: Inheritance | None = None, depth: int | None = None) -> Slot | None:
+    def pick(
+        self, call_id: int, inheritance: Inheritance | None = None, depth: int | None = None
+    ) -> Slot | None:
         """A worker for the call's next chunk: one it holds that is idle, a free one, a new one,
         or one it holds with room in its queue — the last only while no other call waits.
 
@@ -105,12 +123,16 @@ class WorkerPool:
             my_turn = not self._waiting or next(iter(self._waiting)) == call_id
             if my_turn:
                 free = next((s for s in self.slots if s.owner is None and s.usable), None)
-                if free is None and (len(self.slots) < self.size or self._held_only_by_paused(call_id)):
+                if free is None and (
+                    len(self.slots) < self.size or self._held_only_by_paused(call_id)
+                ):
                     free = self._start_slot(inheritance)
                 if free is not None:
                     free.owner = call_id
                     self._stop_waiting(call_id)
-                    if len(self.slots) < self.size or any(s.owner is None and s.usable for s in self.slots):
+                    if len(self.slots) < self.size or any(
+                        s.owner is None and s.usable for s in self.slots
+                    ):
                         self._wake_next()  # more room than this call took: the next in line may go
                     return free
             others_wait = any(waiter != call_id for waiter in self._waiting)
@@ -202,7 +224,7 @@ class WorkerPool:
             return pipe[0] if pipe is not None else None
 
     def _wake_next(self) -> None:
-        for read, write in list(self._waiting.values())[:1]:
+        for _read, write in list(self._waiting.values())[:1]:
             try:
                 os.write(write, b"\0")
             except OSError:
@@ -281,7 +303,9 @@ _POOLS: dict[tuple[str, str | None, int], WorkerPool] = {}
 _LOCK = threading.Lock()
 
 
-def acquire(backend: Backend, start_method: str | None, size: int, idle_timeout: float) -> WorkerPool:
+def acquire(
+    backend: Backend, start_method: str | None, size: int, idle_timeout: float
+) -> WorkerPool:
     """The pool for this key, shared with any call running on it now."""
     key = (backend.name, start_method, size)
     replaced = None

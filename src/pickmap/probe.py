@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import types
 import weakref
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from .backends.base import Backend
 from .registry import LADDER, available_backends, get_backend
 from .serializers import _MAIN_MODULES, Pickled, copies_locks, get_serializer, main_references
 
-__all__ = ("Plan", "Verdict", "try_backend", "choose", "capable_backends")
+__all__ = ("Plan", "Verdict", "capable_backends", "choose", "try_backend")
 
 
 class Verdict(NamedTuple):
@@ -64,10 +65,14 @@ class Plan(NamedTuple):
             lines.append(f"  runs on {self.runs_on}")
         chosen = self.verdict(self.backend)
         if chosen is not None and not chosen.ok:
-            lines.append(f"  pmap would raise SerializationError: {self.backend} cannot carry this call")
+            lines.append(
+                f"  pmap would raise SerializationError: {self.backend} cannot carry this call"
+            )
         width = max((len(v.backend) for v in self.verdicts), default=0)
         for v in self.verdicts:
-            mark = ("->" if v.ok else "!>") if v.backend == self.backend else ("ok" if v.ok else "no")
+            mark = (
+                ("->" if v.ok else "!>") if v.backend == self.backend else ("ok" if v.ok else "no")
+            )
             lines.append(f"  {mark:2} {v.backend:<{width}}  {v.reason}")
         return "\n".join(lines)
 
@@ -98,7 +103,9 @@ def _trap(data: bytes, what: str) -> str | None:
     return None
 
 
-def _round_trip(serializer_name: str, obj: Any, what: str, *, load: bool = True) -> tuple[str | None, Any]:
+def _round_trip(
+    serializer_name: str, obj: Any, what: str, *, load: bool = True
+) -> tuple[str | None, Any]:
     """``(failure reason or None, Pickled)`` for one object; ``load=False`` skips the load half.
 
     The traps are checked before the trial load: they need only the stream,
@@ -112,7 +119,7 @@ def _round_trip(serializer_name: str, obj: Any, what: str, *, load: bool = True)
         return None, obj
     try:
         pickled = serializer.dump(obj)
-    except Exception as exc:  # noqa: BLE001 - any failure means "cannot carry"
+    except Exception as exc:
         return f"{what}: {_first_line(exc)}", None
     reason = _trap(pickled.data, what)
     if reason is not None:
@@ -120,18 +127,27 @@ def _round_trip(serializer_name: str, obj: Any, what: str, *, load: bool = True)
     if load:
         try:
             serializer.trial_load(pickled)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return f"{what}: {_first_line(exc)}", None
     return None, pickled
 
 
 def _size(pickled: Pickled) -> str:
     out_of_band = pickled.nbytes - len(pickled.data)
-    return f"{pickled.nbytes:,} bytes, {out_of_band:,} out of band" if out_of_band else f"{pickled.nbytes:,} bytes"
+    return (
+        f"{pickled.nbytes:,} bytes, {out_of_band:,} out of band"
+        if out_of_band
+        else f"{pickled.nbytes:,} bytes"
+    )
 
 
 def try_backend(
-    name: str | Backend, func: Callable[..., Any], sample: Sequence[Any], *, setup: Any = None, load: bool = True
+    name: str | Backend,
+    func: Callable[..., Any],
+    sample: Sequence[Any],
+    *,
+    setup: Any = None,
+    load: bool = True,
 ) -> tuple[Verdict, Any, Any]:
     """One backend's verdict (by name, or a backend instance), with the callable's and
     the ``setup`` (initializer, initargs) :class:`~pickmap.serializers.Pickled` when it
@@ -152,7 +168,11 @@ def try_backend(
     if reason is not None:
         return Verdict(name, False, reason), None, None
     if not get_serializer(serializer_name).by_value:
-        return Verdict(name, True, "shares memory with the caller: nothing is serialized"), payload, init_payload
+        return (
+            Verdict(name, True, "shares memory with the caller: nothing is serialized"),
+            payload,
+            init_payload,
+        )
     return Verdict(name, True, f"round trip ok ({_size(payload)})"), payload, init_payload
 
 
@@ -160,7 +180,7 @@ def try_backend(
 # object (weakly) -> {(function, item types) -> backend name}. A bound method is
 # a fresh object on every attribute access, so it is keyed by the object it is
 # bound to (and its function): one instance's verdict never sticks to another.
-_CACHE: "weakref.WeakKeyDictionary[Any, dict[Any, str]]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
 
 
 def _cache_slot(func: Any, sample: Sequence[Any]) -> tuple[Any, Any]:
@@ -232,12 +252,19 @@ def choose(
     raise AssertionError("the thread backend carries everything")  # pragma: no cover
 
 
-def all_verdicts(func: Callable[..., Any], sample: Sequence[Any], setup: Any = None) -> tuple[Verdict, ...]:
+def all_verdicts(
+    func: Callable[..., Any], sample: Sequence[Any], setup: Any = None
+) -> tuple[Verdict, ...]:
     """Every installed ladder backend's verdict (for ``explain`` and error messages)."""
     installed = available_backends()
-    verdicts = [try_backend(name, func, sample, setup=setup)[0] for name in LADDER if name in installed]
+    verdicts = [
+        try_backend(name, func, sample, setup=setup)[0] for name in LADDER if name in installed
+    ]
     if free_threaded():
-        verdicts = [Verdict("thread", True, FREE_THREADED_REASON) if v.backend == "thread" else v for v in verdicts]
+        verdicts = [
+            Verdict("thread", True, FREE_THREADED_REASON) if v.backend == "thread" else v
+            for v in verdicts
+        ]
     return tuple(verdicts)
 
 

@@ -15,7 +15,8 @@ import importlib
 import importlib.util
 import os
 import threading
-from typing import Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import NamedTuple
 
 from .backends.base import Backend
 from .errors import BackendUnavailableError, UnknownBackendError
@@ -36,7 +37,7 @@ AUTO = "auto"
 #: The probe tries these in order and keeps the first that can carry the call.
 LADDER = ("stdlib", "cloudpickle", "dill", "thread")
 
-BackendFactory = Union[str, type[Backend], Callable[[], Backend]]
+BackendFactory = str | type[Backend] | Callable[[], Backend]
 
 
 class Registration(NamedTuple):
@@ -53,13 +54,19 @@ _Entry = Registration
 _REGISTRY: dict[str, _Entry] = {
     "stdlib": _Entry("pickmap.backends.stdlib:StdlibBackend"),
     "cloudpickle": _Entry(
-        "pickmap.backends.cloudpickle:CloudpickleBackend", "pip install cloudpickle", ("cloudpickle",)
+        "pickmap.backends.cloudpickle:CloudpickleBackend",
+        "pip install cloudpickle",
+        ("cloudpickle",),
     ),
-    "dill": _Entry("pickmap.backends.dill:DillBackend", "pip install pathos", ("dill", "multiprocess")),
+    "dill": _Entry(
+        "pickmap.backends.dill:DillBackend", "pip install pathos", ("dill", "multiprocess")
+    ),
     "thread": _Entry("pickmap.backends.thread:ThreadBackend"),
     "ppe": _Entry("pickmap.backends.ppe:PPEBackend", "pip install cloudpickle", ("cloudpickle",)),
     "serial": _Entry("pickmap.backends.serial:SerialBackend"),
-    "dask": _Entry("pickmap.backends.dask:DaskBackend", 'pip install "pickmap[dask]"', ("distributed",)),
+    "dask": _Entry(
+        "pickmap.backends.dask:DaskBackend", 'pip install "pickmap[dask]"', ("distributed",)
+    ),
 }
 _ALIASES = {"pathos": "dill"}
 _INSTANCES: dict[str, Backend] = {}
@@ -107,7 +114,9 @@ def available_backends() -> tuple[str, ...]:
     return tuple(name for name, entry in _REGISTRY.items() if _missing_module(entry) is None)
 
 
-def register_backend(name: str, factory: BackendFactory, *, clobber: bool = False, install_hint: str = "") -> None:
+def register_backend(
+    name: str, factory: BackendFactory, *, clobber: bool = False, install_hint: str = ""
+) -> None:
     """Register a backend under ``name``.
 
     ``factory`` is a :class:`~pickmap.backends.base.Backend` subclass, a
@@ -115,10 +124,14 @@ def register_backend(name: str, factory: BackendFactory, *, clobber: bool = Fals
     lazily. An existing name is replaced only with ``clobber=True``.
     """
     if not isinstance(name, str) or not name or name == AUTO:
-        raise ValueError(f"a backend name must be a non-empty string other than {AUTO!r}, not {name!r}")
+        raise ValueError(
+            f"a backend name must be a non-empty string other than {AUTO!r}, not {name!r}"
+        )
     with _LOCK:
         if not clobber and (name in _REGISTRY or name in _ALIASES):
-            raise ValueError(f"a backend named {name!r} is already registered; pass clobber=True to replace it")
+            raise ValueError(
+                f"a backend named {name!r} is already registered; pass clobber=True to replace it"
+            )
         _ALIASES.pop(name, None)
         # A lazily imported factory needs its top-level package installed.
         requires = (factory.partition(":")[0].split(".")[0],) if isinstance(factory, str) else ()
@@ -138,7 +151,9 @@ def get_backend(name: str) -> Backend:
             return backend
         missing = _missing_module(entry)
         if missing is not None:
-            raise BackendUnavailableError(name, missing, entry.install_hint or f"pip install {missing}")
+            raise BackendUnavailableError(
+                name, missing, entry.install_hint or f"pip install {missing}"
+            )
         factory = entry.factory
         if isinstance(factory, str):
             module_name, _, attr = factory.partition(":")
@@ -150,9 +165,13 @@ def get_backend(name: str) -> Backend:
                 raise BackendUnavailableError(name, missing, hint) from exc
         backend = factory()
         if not isinstance(backend, Backend):
-            raise TypeError(f"the factory registered for {name!r} returned {backend!r}, not a pickmap Backend")
+            raise TypeError(
+                f"the factory registered for {name!r} returned {backend!r}, not a pickmap Backend"
+            )
         if getattr(backend, "name", None) != name:
-            backend.name = name  # pools and messages use the registered name; a class need not repeat it
+            backend.name = (
+                name  # pools and messages use the registered name; a class need not repeat it
+            )
         _INSTANCES[name] = backend
         return backend
 
@@ -171,10 +190,16 @@ def select_backend(argument: object) -> tuple[str | Backend | None, str]:
     if isinstance(argument, Backend):
         return argument, "argument"
     if type(argument).__module__.startswith("distributed") and type(argument).__name__ == "Client":
-        from .backends.dask import DaskBackend  # a dask client: the call's setup travels once, not per task
+        from .backends.dask import (
+            DaskBackend,  # a dask client: the call's setup travels once, not per task
+        )
 
         return DaskBackend(client=argument), "argument"
-    if argument is not None and not isinstance(argument, str) and callable(getattr(argument, "submit", None)):
+    if (
+        argument is not None
+        and not isinstance(argument, str)
+        and callable(getattr(argument, "submit", None))
+    ):
         from .backends.executor import ExecutorBackend
 
         return ExecutorBackend(argument), "argument"  # type: ignore[arg-type]
@@ -191,6 +216,8 @@ def _known(name: object, variable: str | None) -> str:
     if not isinstance(name, str) or _canonical(name) not in _REGISTRY:
         shown = name if isinstance(name, str) else f"{type(name).__qualname__} object"
         raise UnknownBackendError(
-            str(shown), (*registered_backends(), *_ALIASES, "a Backend instance", "an Executor"), variable=variable
+            str(shown),
+            (*registered_backends(), *_ALIASES, "a Backend instance", "an Executor"),
+            variable=variable,
         )
     return _canonical(name)

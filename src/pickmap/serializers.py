@@ -57,15 +57,16 @@ import threading
 import types
 import uuid
 import weakref
-from typing import Any, Callable, ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 __all__ = (
     "OOB_MIN_BYTES",
     "Pickled",
     "Serializer",
+    "copies_locks",
     "get_serializer",
     "main_references",
-    "copies_locks",
 )
 
 _MAIN_MODULES = ("__main__", "__mp_main__")
@@ -147,7 +148,7 @@ class _StreamSink:
     it; frames never look like that.
     """
 
-    __slots__ = ("parts", "large_bytes_in_band")
+    __slots__ = ("large_bytes_in_band", "parts")
 
     def __init__(self) -> None:
         self.parts: list[Any] = []
@@ -307,7 +308,10 @@ class _UntrackedUnpickler(_TrialUnpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         found = super().find_class(module, name)
-        if module.startswith("cloudpickle") and name in ("_make_skeleton_class", "_make_skeleton_enum"):
+        if module.startswith("cloudpickle") and name in (
+            "_make_skeleton_class",
+            "_make_skeleton_enum",
+        ):
             return functools.partial(_untracked, found)
         return found
 
@@ -321,7 +325,7 @@ def _untracked(builder: Callable[..., Any], *args: Any) -> Any:
     return builder(*bound.args, **bound.kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cloudpicklers() -> tuple[type, type]:
     """``(CloudPickler, the same with persistent_id)``; cloudpickle is imported on first use."""
     import cloudpickle
@@ -345,7 +349,9 @@ class CloudpickleSerializer(Serializer):
         return _load_with(_Unpickler, pickled)
 
     def trial_load(self, pickled: Pickled) -> Any:
-        return _load_with(_UntrackedUnpickler, pickled._replace(buffers=_read_only(pickled.buffers)))
+        return _load_with(
+            _UntrackedUnpickler, pickled._replace(buffers=_read_only(pickled.buffers))
+        )
 
 
 # --------------------------------------------------------------------------- dill
@@ -358,7 +364,7 @@ class _DispatchWithout:
     matrix) keep dill's handling, which also carries their ``__dict__``.
     """
 
-    __slots__ = ("_table", "_skipped")
+    __slots__ = ("_skipped", "_table")
 
     def __init__(self, table: Any, skipped: type) -> None:
         self._table = table
@@ -376,8 +382,8 @@ class _DispatchWithout:
 # loads it, and loading an id this process knows returns the class it knows:
 # in the worker the callable's and the items' class are one object, and
 # results come back as instances of the caller's original class.
-_CLASS_IDS: "weakref.WeakKeyDictionary[type, str]" = weakref.WeakKeyDictionary()
-_CLASSES_BY_ID: "weakref.WeakValueDictionary[str, type]" = weakref.WeakValueDictionary()
+_CLASS_IDS: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+_CLASSES_BY_ID: weakref.WeakValueDictionary[str, type] = weakref.WeakValueDictionary()
 _CLASS_LOCK = threading.Lock()
 
 
@@ -407,21 +413,27 @@ def _tracked_class(class_id: str, build: Callable[..., type], args: tuple[Any, .
         return built
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dill_classes() -> tuple[type, type, type]:
     """``(pickler, unpickler, trial unpickler)``; dill is imported on first use."""
     import dill
     from dill import _dill
 
     class_builders = tuple(
-        builder for builder in (getattr(_dill, name, None) for name in ("_create_type", "new_class", "_create_namedtuple"))
+        builder
+        for builder in (
+            getattr(_dill, name, None)
+            for name in ("_create_type", "new_class", "_create_namedtuple")
+        )
         if builder is not None
-    )  # fmt: skip
+    )
 
     class _DillPickler(dill.Pickler):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)  # no numpy loaded: no arrays
+            ndarray = getattr(
+                sys.modules.get("numpy"), "ndarray", None
+            )  # no numpy loaded: no arrays
             if ndarray is not None:
                 self.dispatch = _DispatchWithout(type(self).dispatch, ndarray)
 
@@ -430,7 +442,9 @@ def _dill_classes() -> tuple[type, type, type]:
         def persistent_id(self, obj: Any) -> Any:
             return _large_bytes_id(obj)
 
-        def save_reduce(self, func: Any, args: Any, *rest: Any, obj: Any = None, **kwargs: Any) -> None:
+        def save_reduce(
+            self, func: Any, args: Any, *rest: Any, obj: Any = None, **kwargs: Any
+        ) -> None:
             # dill rebuilds a by-value class with one of these builders: wrap the
             # call so that the loading process resolves the class by its id.
             if func in class_builders and isinstance(obj, type):
@@ -493,7 +507,7 @@ _SERIALIZERS: dict[str, Callable[[], Serializer]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_serializer(name: str) -> Serializer:
     """The serializer called ``name`` (workers call this after they start)."""
     return _SERIALIZERS[name]()
@@ -501,7 +515,15 @@ def get_serializer(name: str) -> Serializer:
 
 # --------------------------------------------------------------------------- the by-reference trap
 _STRING_OPS = frozenset(
-    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+    {
+        "SHORT_BINUNICODE",
+        "BINUNICODE",
+        "BINUNICODE8",
+        "UNICODE",
+        "STRING",
+        "BINSTRING",
+        "SHORT_BINSTRING",
+    }
 )
 # Functions that pickles call to import a module by name: cloudpickle's
 # by-reference modules, dill's modules (by reference, or by value as
@@ -537,7 +559,9 @@ def _names_in(data: bytes) -> _Names:
     """The globals and modules the pickle stream ``data`` imports by name."""
     found = _Names([], [])
     memo: dict[int, Any] = {}
-    pushed: list[Any] = []  # recent pushes: strings and the importer marker kept, anything else None
+    pushed: list[
+        Any
+    ] = []  # recent pushes: strings and the importer marker kept, anything else None
     import pickletools  # only when a pickle mentions __main__ or a lock builder
 
     for opcode, arg, _pos in pickletools.genops(data):
@@ -563,7 +587,11 @@ def _names_in(data: bytes) -> _Names:
         elif op in _TUPLE_SIZES:
             size = _TUPLE_SIZES[op]
             # importer, then the args tuple's first item: the module's name
-            if len(pushed) > size and pushed[-size - 1] is _IMPORTER and isinstance(pushed[-size], str):
+            if (
+                len(pushed) > size
+                and pushed[-size - 1] is _IMPORTER
+                and isinstance(pushed[-size], str)
+            ):
                 found.modules.append(pushed[-size])
             pushed.append(None)
         elif opcode.stack_after:

@@ -13,7 +13,8 @@ a ``Lost`` reply naming the chunk, which the engine raises as
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .. import _wire
 from .._protocol import Job, Lost, Message
@@ -43,8 +44,10 @@ class FuturesWorker(Worker):
             work: Any = _wire.to_blob([job]) if self._blobs else job
             try:
                 future = self._submit(run_job, work)
-            except Exception as exc:  # noqa: BLE001 - a shut-down or broken executor
-                self._mailbox.post([Lost(seq, f"the executor refused the task: {type(exc).__name__}: {exc}")])
+            except Exception as exc:
+                self._mailbox.post(
+                    [Lost(seq, f"the executor refused the task: {type(exc).__name__}: {exc}")]
+                )
                 continue
             self._futures[seq] = future
             future.add_done_callback(lambda done, seq=seq: self._done(seq, done))
@@ -57,12 +60,22 @@ class FuturesWorker(Worker):
                 return
             error = future.exception()
             if error is not None:
-                self._mailbox.post([Lost(seq, f"{type(error).__name__}: {error}", getattr(error, "exitcode", None))])
+                self._mailbox.post(
+                    [
+                        Lost(
+                            seq,
+                            f"{type(error).__name__}: {error}",
+                            getattr(error, "exitcode", None),
+                        )
+                    ]
+                )
                 return
             replies = future.result()
             self._mailbox.post(_wire.from_blob(replies) if self._blobs else replies)
-        except BaseException as failure:  # noqa: BLE001 - a callback's error is swallowed by futures: report it
-            self._mailbox.post([Lost(seq, f"its reply could not be read: {type(failure).__name__}: {failure}")])
+        except BaseException as failure:
+            self._mailbox.post(
+                [Lost(seq, f"its reply could not be read: {type(failure).__name__}: {failure}")]
+            )
 
     def receive(self) -> list[Message]:
         return self._mailbox.take()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from .._protocol import Message
 

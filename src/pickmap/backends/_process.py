@@ -26,7 +26,8 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from .. import _shm, _wire
 from .._protocol import Message, Stop
@@ -35,13 +36,18 @@ from .base import Backend, Worker, WorkerStart
 
 # The caller's ends of every live worker pipe. A worker started by fork
 # inherits them and must close them (see _worker._close_inherited).
-_CALLER_ENDS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_CALLER_ENDS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _modules_of(func: Any) -> set[str]:
     owner = getattr(func, "__self__", None)
-    found = {getattr(func, "__module__", None), getattr(type(owner), "__module__", None) if owner is not None else None}
-    return {m for m in found if isinstance(m, str) and m not in ("__main__", "__mp_main__", "builtins")}
+    found = {
+        getattr(func, "__module__", None),
+        getattr(type(owner), "__module__", None) if owner is not None else None,
+    }
+    return {
+        m for m in found if isinstance(m, str) and m not in ("__main__", "__mp_main__", "builtins")
+    }
 
 
 def _preload_fork_server(package: str, context: Any, start: WorkerStart) -> None:
@@ -113,14 +119,23 @@ class ProcessWorker(Worker):
         self.adopted_call = start.inheritance.spec.id if adopted is not None else None
         self.process = context.Process(
             target=process_main,
-            args=(worker_end, self._progress_path, start.idle_timeout, os.getpid(), inherited, adopted),
+            args=(
+                worker_end,
+                self._progress_path,
+                start.idle_timeout,
+                os.getpid(),
+                inherited,
+                adopted,
+            ),
             name="pickmap-worker",
             daemon=True,
         )
         with warnings.catch_warnings():
             # Python 3.12+ warns on any fork of a multi-threaded process; pickmap forks
             # with other threads only when they are an OpenBLAS pool (see _settings.py).
-            warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*multi-threaded.*fork", category=DeprecationWarning
+            )
             try:
                 if forked:
                     self.process.start()
@@ -142,7 +157,9 @@ class ProcessWorker(Worker):
         self._closed = False
         self._exitcode: int | None = None
         self.pid = self.process.pid
-        self._child = start.start_method != "forkserver"  # forkserver workers are the fork server's children
+        self._child = (
+            start.start_method != "forkserver"
+        )  # forkserver workers are the fork server's children
         self._pidfd = _open_pidfd(self.pid)
         self.sentinel = self._pidfd if self._pidfd is not None else self.process.sentinel
 
@@ -164,7 +181,9 @@ class ProcessWorker(Worker):
 
     def _status_after_exit(self, seconds: float) -> int | None:
         if not self._child:
-            self.process.join(seconds)  # waits on the fork server's report, which no grandchild holds
+            self.process.join(
+                seconds
+            )  # waits on the fork server's report, which no grandchild holds
             return self.process.exitcode
         deadline = time.monotonic() + seconds
         code = self.process.exitcode  # waitpid(WNOHANG): reaps it
@@ -201,7 +220,9 @@ class ProcessWorker(Worker):
         if self._closed:
             return
         self.announce_stop()
-        if self.outbox.pending or self.conn.closed:  # a Stop that cannot be written now: nothing to wait for
+        if (
+            self.outbox.pending or self.conn.closed
+        ):  # a Stop that cannot be written now: nothing to wait for
             self.kill()
             return
         self._await_exit(grace)
@@ -217,8 +238,12 @@ class ProcessWorker(Worker):
         self.conn.close()
         _CALLER_ENDS.discard(self.conn)
         if self.pid is not None:
-            _shm.unlink_writer(os.getpid(), f"w{self.pid}")  # results it wrote that will never be read
-        _shm.unlink([self._progress_path])  # the worker removes it once mapped; not if it died first
+            _shm.unlink_writer(
+                os.getpid(), f"w{self.pid}"
+            )  # results it wrote that will never be read
+        _shm.unlink(
+            [self._progress_path]
+        )  # the worker removes it once mapped; not if it died first
         self.progress.release()
         self._progress_map.close()
         self._exitcode = self.process.exitcode
@@ -240,7 +265,9 @@ def _open_pidfd(pid: int | None) -> int | None:
         return None
     try:
         return pidfd_open(pid)
-    except OSError:  # an old kernel (ENOSYS), a sandbox (EPERM), or already reaped (ESRCH): the sentinel will do
+    except (
+        OSError
+    ):  # an old kernel (ENOSYS), a sandbox (EPERM), or already reaped (ESRCH): the sentinel will do
         return None
 
 

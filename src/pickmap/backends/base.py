@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import abc
 import os
-from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 from .._protocol import CallSpec, Message
 
-__all__ = ("Backend", "Worker", "WorkerStart", "Inheritance")
+__all__ = ("Backend", "Inheritance", "Worker", "WorkerStart")
 
 
 class Inheritance(NamedTuple):
@@ -144,7 +145,15 @@ class Backend(abc.ABC):
 
     def capabilities(self) -> dict[str, bool]:
         """The flags, by name (for ``explain``, ``doctor`` and the docs)."""
-        flags = ("sticky", "processes", "start_methods", "shares_files", "killable", "reports_progress", "enforces_timeout")
+        flags = (
+            "sticky",
+            "processes",
+            "start_methods",
+            "shares_files",
+            "killable",
+            "reports_progress",
+            "enforces_timeout",
+        )
         return {flag: bool(getattr(self, flag)) for flag in flags}
 
     def __repr__(self) -> str:

@@ -31,7 +31,8 @@ import re
 import sys
 import threading
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .. import _wire
 from .._protocol import Job, Lost, Message, Setup
@@ -43,7 +44,9 @@ from .base import Backend, Worker, WorkerStart
 __all__ = ("DaskBackend", "DaskConnectionError", "check_address", "pickmap_setup", "pickmap_task")
 
 ENV_ADDRESS, ENV_TIMEOUT, DEFAULT_TIMEOUT = "PICKMAP_DASK_ADDRESS", "PICKMAP_DASK_TIMEOUT", 5.0
-_ADDRESS = re.compile(r"(?:(?:tcp|tls|ws|wss|ucx)://(?:\[[0-9A-Fa-f:.]+\]|[\w.-]+):(\d{1,5})|inproc://\S+)\Z")
+_ADDRESS = re.compile(
+    r"(?:(?:tcp|tls|ws|wss|ucx)://(?:\[[0-9A-Fa-f:.]+\]|[\w.-]+):(\d{1,5})|inproc://\S+)\Z"
+)
 _OWNED: dict[str, Any] = {}  # address, or "local" -> a Client pickmap made (and closes)
 _CLUSTER: list[Any] = []  # the LocalCluster behind _OWNED["local"]
 _LOCK = threading.Lock()
@@ -88,8 +91,10 @@ def _owned_client(address: str | None) -> Any:
         try:  # set_as_default=False: dask.compute() never picks pickmap's client up
             _OWNED[address] = distributed.Client(address, timeout=seconds, set_as_default=False)
         except OSError as exc:
-            raise DaskConnectionError(f"cannot reach the dask scheduler at {address} (from {ENV_ADDRESS}) "
-                                      f"within {seconds:g} s ({ENV_TIMEOUT}): {exc}") from None  # fmt: skip
+            raise DaskConnectionError(
+                f"cannot reach the dask scheduler at {address} (from {ENV_ADDRESS}) "
+                f"within {seconds:g} s ({ENV_TIMEOUT}): {exc}"
+            ) from None
         return _OWNED[address]
 
 
@@ -101,7 +106,7 @@ def close_owned() -> None:
     for resource in owned:
         try:
             resource.close()
-        except Exception:  # noqa: BLE001 - its scheduler is gone already
+        except Exception:
             pass
 
 
@@ -135,7 +140,9 @@ class _DaskWorker(FuturesWorker):
     def __init__(self, backend: DaskBackend, client: Any) -> None:
         super().__init__(client.submit, blobs=True)
         self._backend, self._client = backend, client
-        self._held: set[Any] = set()  # keeps its calls' setup futures alive (see DaskBackend._setups)
+        self._held: set[Any] = (
+            set()
+        )  # keeps its calls' setup futures alive (see DaskBackend._setups)
 
     def send(self, messages: Sequence[Message]) -> None:
         for job in messages:
@@ -144,9 +151,13 @@ class _DaskWorker(FuturesWorker):
             try:
                 setup = self._backend.setup_future(self._client, job.setup)
                 self._held.add(setup)
-                future = self._client.submit(pickmap_task, call, setup, _wire.to_blob([job.task]), pure=False)
-            except Exception as exc:  # noqa: BLE001 - a closed client, a scheduler gone
-                self._mailbox.post([Lost(seq, f"the dask client refused the task: {type(exc).__name__}: {exc}")])
+                future = self._client.submit(
+                    pickmap_task, call, setup, _wire.to_blob([job.task]), pure=False
+                )
+            except Exception as exc:
+                self._mailbox.post(
+                    [Lost(seq, f"the dask client refused the task: {type(exc).__name__}: {exc}")]
+                )
                 continue
             self._futures[seq] = future
             future.add_done_callback(lambda done, seq=seq: self._done(seq, done))
@@ -154,8 +165,10 @@ class _DaskWorker(FuturesWorker):
     def _done(self, seq: int, future: Any) -> None:
         try:
             super()._done(seq, future)
-        except Exception as exc:  # noqa: BLE001 - fetching the result failed: never leave the engine waiting
-            self._mailbox.post([Lost(seq, f"its result could not be fetched: {type(exc).__name__}: {exc}")])
+        except Exception as exc:
+            self._mailbox.post(
+                [Lost(seq, f"its result could not be fetched: {type(exc).__name__}: {exc}")]
+            )
 
     def kill(self) -> None:
         """Cancel the call's futures on the scheduler in one request (a running task finishes unseen)."""
@@ -164,7 +177,7 @@ class _DaskWorker(FuturesWorker):
         if futures:
             try:
                 self._client.cancel(futures)
-            except Exception:  # noqa: BLE001 - the client is gone: so are its futures
+            except Exception:
                 pass
         self._held.clear()
         self._mailbox.close()
@@ -182,7 +195,9 @@ class DaskBackend(Backend):
     def __init__(self, client: Any = None) -> None:
         self.client = client
         # (client, caller token, call id) -> the call's setup future, while a worker holds it.
-        self._setups: weakref.WeakValueDictionary[tuple[int, str, int], Any] = weakref.WeakValueDictionary()
+        self._setups: weakref.WeakValueDictionary[tuple[int, str, int], Any] = (
+            weakref.WeakValueDictionary()
+        )
 
     def find_client(self, *, start: bool = True) -> Any:
         """The cluster's client, in the documented order (``start=False``: no LocalCluster, ``None``)."""
@@ -210,14 +225,18 @@ class DaskBackend(Backend):
             try:
                 client.wait_for_workers(1, timeout=seconds)
             except TimeoutError:
-                raise DaskConnectionError(f"the dask scheduler at {client.scheduler.address} has no worker "
-                                          f"after {seconds:g} s ({ENV_TIMEOUT})") from None  # fmt: skip
+                raise DaskConnectionError(
+                    f"the dask scheduler at {client.scheduler.address} has no worker "
+                    f"after {seconds:g} s ({ENV_TIMEOUT})"
+                ) from None
             nthreads = client.nthreads()
         return len(nthreads), sum(nthreads.values())
 
     def default_workers(self) -> int:
         client = self.find_client(start=False)
-        if client is None:  # what LocalCluster() will have (one thread per usable CPU), without starting it
+        if (
+            client is None
+        ):  # what LocalCluster() will have (one thread per usable CPU), without starting it
             return super().default_workers()
         return max(1, self.threads(client)[1])
 

@@ -13,7 +13,6 @@ the task is left to the executor's owner).
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any
 
 from ._futures import FuturesWorker
 from .base import Backend, Worker, WorkerStart

@@ -41,7 +41,9 @@ class _OwnedExecutorWorker(FuturesWorker):
     def kill(self) -> None:
         busy = bool(self._futures)
         super().kill()
-        processes = list((getattr(self._executor, "_processes", None) or {}).values()) if busy else []
+        processes = (
+            list((getattr(self._executor, "_processes", None) or {}).values()) if busy else []
+        )
         self._executor.shutdown(wait=not busy, cancel_futures=True)
         for process in processes:  # a task that must stop takes its executor's process with it
             process.kill()

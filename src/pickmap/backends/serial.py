@@ -7,7 +7,7 @@ caller's thread cannot be interrupted from inside.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .._protocol import Message
 from .._worker import WorkerState

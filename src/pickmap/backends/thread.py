@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from .._protocol import Message, Stop, Task
 from .._worker import WorkerState, serve
