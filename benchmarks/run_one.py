@@ -447,9 +447,8 @@ def _pickmap_backend(lib: str) -> Any:
     if lib == "pickmap_executor":
         from concurrent.futures import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(
-            WORKERS
-        )  # the user's executor, created inside the timed region as peers' pools are
+        # the user's executor, created inside the timed region as peers' pools are
+        return ProcessPoolExecutor(WORKERS)
     return {
         "pickmap": None,
         "pickmap_cloudpickle": "cloudpickle",
@@ -480,9 +479,8 @@ def _pickmap_info(w: Workload, lib: str, start_method: str | None) -> dict[str, 
     import pickmap
 
     info: dict[str, Any] = {"start_method": start_method} if start_method else {}
-    info["pickmap_from"] = os.path.dirname(
-        pickmap.__file__ or ""
-    )  # the checkout, or an installed copy
+    # the checkout, or an installed copy
+    info["pickmap_from"] = os.path.dirname(pickmap.__file__ or "")
     if lib != "pickmap":
         info["backend"] = {"pickmap_executor": "user executor"}.get(
             lib, lib.removeprefix("pickmap_")
@@ -568,9 +566,8 @@ def run_ppe(w: Workload, clock: Clock) -> tuple[float, list[Any], float, dict[st
     executor = ProcessPoolExecutor(WORKERS)
     try:
         for _ in range(w.calls):
-            results = list(
-                executor.map(w.func, w.data)
-            )  # default chunksize=1, as most users call it
+            # default chunksize=1, as most users call it
+            results = list(executor.map(w.func, w.data))
         elapsed = clock.stop()
     finally:
         down = time.perf_counter()
@@ -859,9 +856,8 @@ def run_threads(
                         wrong.append(got)
             finally:
                 if per_thread:
-                    close_pool(
-                        own
-                    )  # inside the timed region: the thread's `with Pool(2) as p:` ends
+                    # inside the timed region: the thread's `with Pool(2) as p:` ends
+                    close_pool(own)
         except BaseException as exc:
             errors.append(exc)
 
@@ -951,9 +947,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback=traceback.format_exc(limit=-6),
         )
     else:
-        ok = results is None or workload.correct(
-            results
-        )  # None: the adapter checked its own results
+        # None: the adapter checked its own results
+        ok = results is None or workload.correct(results)
         out.update(status="ok" if ok else "wrong", seconds=seconds, teardown_s=teardown_s, **extra)
         if not ok:
             out["error"] = f"wrong results (first: {list(results)[:3]!r})"[:300]

@@ -66,9 +66,8 @@ def test_big_self_calls_a_method_of_a_40_mb_object_again(benchmark, model: Model
     benchmark.group = "data: bound method of a 40 MB object, 200 items, repeated calls"
     data = list(range(SELF_ITEMS))
     expected = [model.predict(i) for i in data]
-    pmap(
-        model.predict, data[:2], workers=WORKERS
-    )  # the first call ships the object; the timed ones need not
+    # the first call ships the object; the timed ones need not
+    pmap(model.predict, data[:2], workers=WORKERS)
     result = benchmark.pedantic(
         pmap, args=(model.predict, data), kwargs={"workers": WORKERS}, rounds=5, warmup_rounds=1
     )

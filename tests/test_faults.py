@@ -752,9 +752,8 @@ def test_bad_input_fails_fast_before_any_worker_starts(api, arg, value, error, w
     call[arg] = value
     func = call.pop("func")
     with Clock() as clock, pytest.raises(error, match=word) as caught:
-        getattr(pickmap, api)(
-            func, _untouched_input(log), **call
-        )  # imap too: at the call, not at next()
+        # imap too: at the call, not at next()
+        getattr(pickmap, api)(func, _untouched_input(log), **call)
     assert clock.elapsed < 2
     if arg == "start_method":
         for method in START_METHODS:

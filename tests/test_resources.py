@@ -276,9 +276,8 @@ def test_faults_leave_fds_and_processes_flat(backend, method, rounds):
 @pytest.mark.parametrize("kind", ["exit", "raise", "hang"])
 def test_shared_memory_of_a_failed_call_goes_with_its_object(kind):
     func = faults.CrashOn(1, kind)
-    func.ballast = os.urandom(
-        3 << 20
-    )  # large: shipped through shared memory, kept while func lives
+    # large: shipped through shared memory, kept while func lives
+    func.ballast = os.urandom(3 << 20)
     raised = {"exit": WorkerCrashedError, "raise": faults.Boom, "hang": TaskTimeoutError}[kind]
     with pytest.raises(raised):
         pmap(
@@ -362,9 +361,8 @@ def test_shared_memory_that_cannot_be_written_warns_once_and_the_pipe_carries_th
 ):
     from pickmap import _shm
 
-    missing = str(
-        tmp_path / "no-such-dir"
-    )  # every segment write fails there (root ignores permissions)
+    # every segment write fails there (root ignores permissions)
+    missing = str(tmp_path / "no-such-dir")
     monkeypatch.setattr(_shm, "segment_dirs", lambda: [missing])
     monkeypatch.setattr(_shm, "_warned", False)
     func = faults.CrashOn(-1, "raise")

@@ -75,9 +75,8 @@ def test_forced_backend_that_cannot_carry_raises_never_falls_back(clean_env):
 def test_workers_from_environment(clean_env):
     clean_env.setenv("PICKMAP_WORKERS", "3")
     assert explain(zoo.square, [1]).workers == 3
-    assert (
-        explain(zoo.square, [1], backend="serial").workers == 1
-    )  # documented: serial always uses 1
+    # documented: serial always uses 1
+    assert explain(zoo.square, [1], backend="serial").workers == 1
     clean_env.setenv("PICKMAP_WORKERS", "zero")
     with pytest.raises(ValueError, match="PICKMAP_WORKERS"):
         pmap(zoo.square, [1])

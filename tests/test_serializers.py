@@ -175,9 +175,8 @@ def test_non_contiguous_arrays_round_trip_unchanged(name: str) -> None:
         assert _equal(original, loaded)
     for original, trial in zip(views, serializer.trial_load(pickled), strict=False):
         assert _equal(original, trial)
-        assert not np.shares_memory(
-            trial, base
-        )  # numpy copied it to pickle it: never a view of the wrong bytes
+        # numpy copied it to pickle it: never a view of the wrong bytes
+        assert not np.shares_memory(trial, base)
 
 
 @pytest.mark.parametrize("name", SERIALIZERS)
@@ -207,9 +206,8 @@ def test_the_trial_load_reuses_the_dumped_memory_read_only(name: str, kind: str)
     assert _equal(obj, trial)
     for original, loaded in zip(_memory_of(obj), _memory_of(trial), strict=False):
         assert np.shares_memory(original, loaded)
-    assert not any(
-        a.flags.writeable for a in _memory_of(trial)
-    )  # probing cannot write into the caller's arrays
+    # probing cannot write into the caller's arrays
+    assert not any(a.flags.writeable for a in _memory_of(trial))
     if not isinstance(obj, pd.DataFrame):  # pandas decides its own arrays' flags
         assert obj.flags.writeable
 
@@ -325,9 +323,8 @@ def test_copyreg_registrations_made_after_import_are_seen_by_the_stdlib_pickler(
     copyreg.pickle(_NeedsARegisteredReducer, lambda obj: (_rebuild_needs_a_reducer, (obj.value,)))
     try:
         assert serializer.load(serializer.dump(_NeedsARegisteredReducer(7))).value == 7
-        assert (
-            pickle.loads(serializer.dump(_NeedsARegisteredReducer(8)).data).value == 8
-        )  # plain pickle reads it
+        # plain pickle reads it
+        assert pickle.loads(serializer.dump(_NeedsARegisteredReducer(8)).data).value == 8
     finally:
         del copyreg.dispatch_table[_NeedsARegisteredReducer]
 

@@ -27,6 +27,8 @@ in reading order:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._worker import run_job
 from .api import explain, imap, pmap
 from .errors import (
@@ -43,6 +45,10 @@ from .probe import Plan, Verdict
 from .registry import available_backends, register_backend
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the two names made on first use (below), as a type checker sees them
+    from .errors import WorkerCrashedError
+    from .executor import Executor
 
 
 def __getattr__(name: str) -> object:

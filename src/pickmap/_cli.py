@@ -242,9 +242,8 @@ def check_shm(path: str = SHM_PATH) -> Check:
     try:
         stats = os.statvfs(path)
     except OSError:
-        status = (
-            WARN if sys.platform.startswith("linux") else OK
-        )  # macOS has no /dev/shm, and that is normal
+        # macOS has no /dev/shm, and that is normal
+        status = WARN if sys.platform.startswith("linux") else OK
         fix = f"spill files go to {tempfile.gettempdir()} instead; mount a tmpfs on {path} for memory-speed ones"
         return Check(status, f"{path}: not present", fix if status == WARN else "", details)
     size, free = stats.f_blocks * stats.f_frsize, stats.f_bavail * stats.f_frsize
@@ -342,9 +341,8 @@ def check_backend(name: str, installed: Sequence[str]) -> Check:
             BROKEN, f"backend {name}: cannot be loaded ({type(exc).__name__}: {first_line})", fix
         )
     try:
-        runs_on = (
-            backend.describe()
-        )  # a cluster's address and size: this connects, within its timeout
+        # a cluster's address and size: this connects, within its timeout
+        runs_on = backend.describe()
         workers = backend.default_workers()
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -503,9 +501,8 @@ def load_callable(target: str) -> tuple[Callable[..., Any], Any]:
 def evaluate_items(expression: str, module: Any) -> Any:
     # A copy of the namespace: an expression like (x := ...) must not change the module.
     try:
-        items = eval(
-            expression, dict(vars(module))
-        )  # the user's own command line, as `python -c` is
+        # the user's own command line, as `python -c` is
+        items = eval(expression, dict(vars(module)))
     except Exception as exc:  # SyntaxError included
         raise UsageError(
             f"--items {expression!r} failed: {_first_line(exc)}; pass a Python expression such as '[1, 2]'"
@@ -581,7 +578,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"pickmap: error: {exc}", file=sys.stderr)
             return 2
         return 0
-    parser.print_help(
-        sys.stderr
-    )  # no command: a usage error, as argparse treats a missing argument
+    # no command: a usage error, as argparse treats a missing argument
+    parser.print_help(sys.stderr)
     return 2

@@ -91,7 +91,7 @@ def on_death(
         pool.remove(slot, kill=True)
         return None, again
     if not slot.ready:
-        where, indices = "while starting, before it ran anything", []
+        where, indices = "while starting, before it ran anything", list[int]()
         advice = (
             "its interpreter failed before pickmap's code ran (a broken sitecustomize or .pth file, "
             "a missing module, the OOM killer); the worker's own error is printed above"
@@ -105,8 +105,8 @@ def on_death(
         elif timed:
             where, indices = f"while running item {index} of {call.label}", [index]
         else:
-            where = f"while running {describe_indices(head.start, head.count)} of {call.label}"
-            indices = list(range(head.start, head.start + head.count))
+            where = f"while running {describe_indices(head.start, head.size)} of {call.label}"
+            indices = list(range(head.start, head.start + head.size))
     pool.remove(slot, kill=True)
     pool.broken = True
     error = errors.WorkerCrashedError(

@@ -116,10 +116,10 @@ class Result(NamedTuple):
 
 
 class Raised(NamedTuple):
-    """The function raised on item ``index``; ``partial`` holds the chunk's results before it."""
+    """The function raised on item ``item``; ``partial`` holds the chunk's results before it."""
 
     seq: int
-    index: int
+    item: int
     exc_repr: str
     traceback: str
     exc: Any  # payload of the exception, or None when it cannot be serialized
@@ -130,7 +130,7 @@ class Unsendable(NamedTuple):
     """A result that cannot be serialized back."""
 
     seq: int
-    index: int
+    item: int
     type_name: str
     reason: str
 
@@ -139,12 +139,12 @@ class SetupFailed(NamedTuple):
     """The callable, the initializer or a chunk's items could not be loaded (or the initializer raised).
 
     ``stage`` is ``"callable"``, ``"initializer-load"``, ``"initializer"`` or
-    ``"items"``; ``index`` the chunk's first item for ``"items"``.
+    ``"items"``; ``first_item`` the chunk's first item for ``"items"``.
     """
 
     call_id: int
     stage: str
-    index: int | None
+    first_item: int | None
     exc_repr: str
     traceback: str
     exc: Any  # payload of the exception, or None

@@ -59,12 +59,13 @@ def _rebuild(
     if call.backend.processes:
         exc.__cause__ = RemoteTraceback(remote_tb)
     exc.add_note(f"pickmap: raised by {call.label} on {where} (backend {call.backend.name!r})")
-    return exc
+    rebuilt: BaseException = exc
+    return rebuilt
 
 
 def raised_error(call: Call, raised: Raised) -> BaseException:
     return _rebuild(
-        call, f"item {raised.index}", raised.index, raised.exc_repr, raised.traceback, raised.exc
+        call, f"item {raised.item}", raised.item, raised.exc_repr, raised.traceback, raised.exc
     )
 
 
@@ -74,7 +75,7 @@ def setup_error(call: Call, failed: SetupFailed) -> BaseException:
             call, "the initializer", None, failed.exc_repr, failed.traceback, failed.exc
         )
     backend = call.backend.name
-    what = f"the chunk of items starting at index {failed.index}"
+    what = f"the chunk of items starting at index {failed.first_item}"
     if failed.stage in ("callable", "initializer-load"):
         what = call.label if failed.stage == "callable" else "the initializer"
         advice = "define what it needs at module level of an importable module"
@@ -86,7 +87,7 @@ def setup_error(call: Call, failed: SetupFailed) -> BaseException:
         f"a {backend!r} worker could not load {what}: {failed.exc_repr}; {advice}",
         backend=backend,
         what=what,
-        index=failed.index,
+        index=failed.first_item,
     )
     error.__cause__ = RemoteTraceback(failed.traceback)
     return error
@@ -95,19 +96,19 @@ def setup_error(call: Call, failed: SetupFailed) -> BaseException:
 def unsendable_result(call: Call, unsendable: Unsendable) -> SerializationError:
     backend = call.backend.name
     return SerializationError(
-        f"the result of item {unsendable.index} (a {unsendable.type_name}) cannot be sent back by the "
+        f"the result of item {unsendable.item} (a {unsendable.type_name}) cannot be sent back by the "
         f"{backend!r} backend: {unsendable.reason}. Return a plain value instead, "
         f"or use backend='thread', which keeps results in memory",
         backend=backend,
         what=unsendable.type_name,
-        index=unsendable.index,
+        index=unsendable.item,
     )
 
 
 def unloadable_results(call: Call, chunk: Chunk, exc: Exception) -> SerializationError:
     backend = call.backend.name
     error = SerializationError(
-        f"the results of {describe_indices(chunk.start, chunk.count)} were sent back by the {backend!r} "
+        f"the results of {describe_indices(chunk.start, chunk.size)} were sent back by the {backend!r} "
         f"worker but cannot be loaded here: {type(exc).__name__}: {exc}. Return plain values, or use "
         f"backend='thread', which keeps results in memory",
         backend=backend,
@@ -145,11 +146,11 @@ def unsendable_item(call: Call, start: int, items: list[Any]) -> SerializationEr
 def lost_error(
     call: Call, chunk: Chunk, lost: Lost, history: str = ""
 ) -> errors.WorkerCrashedError:
-    where = describe_indices(chunk.start, chunk.count)
+    where = describe_indices(chunk.start, chunk.size)
     return errors.WorkerCrashedError(
         f"the {call.backend.name!r} backend lost {where} of {call.label}: {lost.reason}{history}. "
         f"The process that ran it died (a crash, a signal, the OOM killer), or its executor or "
         f"cluster was shut down or gave up on it; an executor you passed in is yours to replace",
         exitcode=lost.exitcode,
-        indices=list(range(chunk.start, chunk.start + chunk.count)),
+        indices=list(range(chunk.start, chunk.start + chunk.size)),
     )

@@ -47,9 +47,8 @@ def _thread_count() -> int:
         return threading.active_count()
 
 
-_FORK_SAFE_POOLS = (
-    "openblas",
-)  # libraries whose threads are quiesced around fork() by the library itself
+# libraries whose threads are quiesced around fork() by the library itself
+_FORK_SAFE_POOLS = ("openblas",)
 _fork_safe_cache: dict[int, bool] = {}
 
 

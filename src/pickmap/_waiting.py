@@ -54,10 +54,10 @@ def wait_for(slots: list[Slot], timeout: float | None, *, also: int | None = Non
         if not slot.eof:
             fd = _fd(worker.waitable)
             readers[fd] = slot
-            events = select.POLLIN
+            wanted = select.POLLIN
             if worker.outbox is not None and worker.outbox.pending:
-                events |= select.POLLOUT
-            poller.register(fd, events)
+                wanted |= select.POLLOUT
+            poller.register(fd, wanted)
         if worker.sentinel is not None:
             fd = _fd(worker.sentinel)
             sentinels[fd] = slot
@@ -65,7 +65,9 @@ def wait_for(slots: list[Slot], timeout: float | None, *, also: int | None = Non
     if immediate:
         timeout = 0.0
     if readers or sentinels or also is not None:
-        events = poller.poll(None if timeout is None else math.ceil(max(timeout, 0.0) * 1000))
+        events: list[tuple[int, int]] = poller.poll(
+            None if timeout is None else math.ceil(max(timeout, 0.0) * 1000)
+        )
     else:
         events = []
     for fd, mask in events:

@@ -27,14 +27,11 @@ import os
 import pickle
 import struct
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import _shm
 from ._protocol import Message
 from .serializers import Pickled
-
-if TYPE_CHECKING:
-    from typing import ClassVar
 
 __all__ = (
     "SHARE_MIN_BYTES",
@@ -60,14 +57,17 @@ def _reduce_view(view: memoryview) -> tuple[Any, tuple[Any, ...]]:
 
 
 def _reduce_pickled(payload: Pickled) -> tuple[Any, tuple[Any, ...]]:
-    data = payload.data
-    if len(data) >= _DATA_OOB_BYTES:
-        data = pickle.PickleBuffer(data)
+    data: bytes | pickle.PickleBuffer = payload.data
+    if len(payload.data) >= _DATA_OOB_BYTES:
+        data = pickle.PickleBuffer(payload.data)
     return Pickled, (data, tuple(payload.buffers))
 
 
+_RECORD_REDUCERS: dict[type, Any] = {memoryview: _reduce_view, Pickled: _reduce_pickled}
+
+
 class _RecordPickler(pickle.Pickler):
-    dispatch_table: ClassVar = {memoryview: _reduce_view, Pickled: _reduce_pickled}
+    dispatch_table = _RECORD_REDUCERS
 
 
 def _dump_records(messages: Sequence[Message], buffers: list[pickle.PickleBuffer] | None) -> bytes:
@@ -118,7 +118,7 @@ def share(payload: Any, *, transient: bool, writer: str) -> Any:
     segments = _shm.write(views, caller_pid=_caller_pid(), writer=writer, reader_unlinks=transient)
     if segments is None:
         return payload
-    buffers = list(payload.buffers)
+    buffers: list[Any] = list(payload.buffers)
     for i, segment in zip(large, segments, strict=False):
         buffers[i] = segment
     return Pickled(payload.data, tuple(buffers))
@@ -140,7 +140,8 @@ def set_caller_pid(pid: int) -> None:
 def segment_paths(payload: Any) -> list[str]:
     if not isinstance(payload, Pickled):
         return []
-    return sorted({b.path for b in payload.buffers if isinstance(b, _shm.Segment)})
+    buffers: tuple[Any, ...] = payload.buffers  # views, and segments once shared
+    return sorted({b.path for b in buffers if isinstance(b, _shm.Segment)})
 
 
 class Mappings:
@@ -282,7 +283,7 @@ class FrameReader:
             self._stage = "raws"
             self._need = [memoryview(r) for r in self._raws if len(r)]
             return None
-        messages = pickle.loads(self._head, buffers=self._raws)
+        messages: list[Message] = pickle.loads(self._head, buffers=self._raws)
         self._stage, self._raws, self._head = "prefix", [], b""
         self._begin(memoryview(self._prefix))
         return messages
@@ -305,7 +306,8 @@ def read_frame(fd: int) -> list[Message]:
     (length,) = _PREFIX.unpack(_read_exact(fd, _PREFIX.size))
     control = _read_exact(fd, length)
     sizes, head = pickle.loads(control)
-    return pickle.loads(head, buffers=[_read_exact(fd, size) for size in sizes])
+    messages: list[Message] = pickle.loads(head, buffers=[_read_exact(fd, size) for size in sizes])
+    return messages
 
 
 def write_frame(fd: int, messages: Sequence[Message]) -> None:
@@ -329,4 +331,5 @@ def to_blob(messages: Iterable[Message]) -> bytes:
 
 
 def from_blob(blob: bytes) -> list[Message]:
-    return pickle.loads(blob)
+    messages: list[Message] = pickle.loads(blob)
+    return messages

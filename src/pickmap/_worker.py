@@ -214,9 +214,8 @@ def limit_inner_threads(threads: int) -> None:
         _inner_limit.restore_original_limits()  # a warm worker: the last call's limit goes first
         _inner_limit = None
     if threads > 0:
-        _inner_limit = threadpool_limits(
-            limits=threads
-        )  # kept for the process's life, not a context
+        # kept for the process's life, not a context
+        _inner_limit = threadpool_limits(limits=threads)
     _inner_threads = threads
 
 
@@ -274,9 +273,8 @@ class WorkerState:
 
     def _ready(self, func: Callable[..., Any]) -> None:
         if self.own_process and self.spec is not None:
-            limit_inner_threads(
-                self.spec.inner_threads
-            )  # after loading: the callable may have imported numpy
+            # after loading: the callable may have imported numpy
+            limit_inner_threads(self.spec.inner_threads)
             if self.spec.log_level is not None:
                 self.logs = _logs.install_forwarder(self.spec.log_level)
         self.func = func
@@ -334,7 +332,7 @@ class WorkerState:
                 return [self._failure("items", task.start, exc)]
             began = time.perf_counter()
             progress = self.progress if spec.timed else None
-            results, failed_at, exc = run_items(
+            results, failed_at, raised = run_items(
                 self.func,
                 items,
                 task.start,
@@ -343,16 +341,16 @@ class WorkerState:
                 progress=progress,
             )
             elapsed = time.perf_counter() - began
-            if exc is not None:
+            if raised is not None:
                 assert failed_at is not None
-                exc_repr, remote_tb = describe_exception(exc)
+                exc_repr, remote_tb = describe_exception(raised)
                 return [
                     Raised(
                         task.seq,
                         failed_at,
                         exc_repr,
                         remote_tb,
-                        self._dump_or_none(exc),
+                        self._dump_or_none(raised),
                         self._dump_or_none(results),
                     )
                 ]
@@ -366,7 +364,7 @@ class WorkerState:
                 payload = self._dump(results)
             except BaseException as exc:
                 index, bad = self._first_unsendable(results, task.start)
-                reason = f"{type(exc).__name__}: {_safe_text(lambda: str(exc), exc)}"
+                reason = f"{type(exc).__name__}: {_safe_text(exc.__str__, exc)}"
                 return [Unsendable(task.seq, index, type(bad).__qualname__, reason)]
             return [Result(task.seq, elapsed, payload)]
         finally:
@@ -436,8 +434,8 @@ def run_job(job: Job | bytes) -> list[Message] | bytes:
     caller token and call id), and the running thread counts as a pickmap
     worker, so a nested ``pmap`` inside the task runs in place.
     """
-    blob = isinstance(job, (bytes, bytearray, memoryview))
-    if blob:
+    blob = not isinstance(job, Job)
+    if not isinstance(job, Job):
         (loaded,) = _wire.from_blob(bytes(job))
         assert isinstance(loaded, Job)
         job = loaded

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _logs
 from . import pool as pools
@@ -35,6 +35,30 @@ from .probe import Plan, Verdict, all_verdicts, choose, try_backend
 from .registry import LADDER, get_backend, select_backend
 
 __all__ = ("explain", "imap", "pmap")
+
+if TYPE_CHECKING:
+    from typing import Literal, TypedDict, TypeVar, Unpack, overload
+
+    T1 = TypeVar("T1")
+    T2 = TypeVar("T2")
+    T3 = TypeVar("T3")
+    R = TypeVar("R")
+
+    class Options(TypedDict, total=False):
+        """The keyword arguments ``pmap`` and ``imap`` share (for the overloads below)."""
+
+        backend: Any
+        workers: int | None
+        chunksize: int | None
+        timeout: float | None
+        initializer: Callable[..., Any] | None
+        initargs: Sequence[Any]
+        start_method: str | None
+        inner_threads: int | None
+        max_tasks_per_worker: int | None
+        retries: int
+        progress: Any
+
 
 _NOTHING = object()
 _NESTED_OK = ("thread", "serial")
@@ -140,6 +164,7 @@ def _prepare(
             verdicts += (try_backend(chosen or name, func, sample, setup=setup)[0],)
 
     if chosen is None:
+        assert isinstance(name, str)  # probed, forced or nested: always a name here
         chosen = get_backend(name)
     size = resolve_workers(workers, chosen.default_workers())
     if chosen.max_workers is not None:
@@ -154,9 +179,8 @@ def _prepare(
         runs_on,
     )
     if not sample:
-        empty = (
-            None if explaining else resolve_progress(progress, 0)
-        )  # checked all the same: a bar at 0/0
+        # checked all the same: a bar at 0/0
+        empty = None if explaining else resolve_progress(progress, 0)
         if empty is not None:
             empty.close()
         return _Prepared(plan, None, None, idle_timeout)
@@ -236,6 +260,56 @@ def _stream(chunks: Iterator[list[Any]]) -> Iterator[Any]:
         chunks.close()  # type: ignore[attr-defined] # closing early cancels the call now, not at GC
 
 
+if TYPE_CHECKING:  # the overloads give pmap's result its element type
+
+    @overload
+    def pmap(
+        func: Callable[[T1], R],
+        iterable: Iterable[T1],
+        /,
+        *,
+        return_exceptions: Literal[False] = False,
+        **options: Unpack[Options],
+    ) -> list[R]: ...
+    @overload
+    def pmap(
+        func: Callable[[T1, T2], R],
+        iterable1: Iterable[T1],
+        iterable2: Iterable[T2],
+        /,
+        *,
+        return_exceptions: Literal[False] = False,
+        **options: Unpack[Options],
+    ) -> list[R]: ...
+    @overload
+    def pmap(
+        func: Callable[[T1, T2, T3], R],
+        iterable1: Iterable[T1],
+        iterable2: Iterable[T2],
+        iterable3: Iterable[T3],
+        /,
+        *,
+        return_exceptions: Literal[False] = False,
+        **options: Unpack[Options],
+    ) -> list[R]: ...
+    @overload
+    def pmap(
+        func: Callable[..., R],
+        /,
+        *iterables: Iterable[Any],
+        return_exceptions: Literal[False] = False,
+        **options: Unpack[Options],
+    ) -> list[R]: ...
+    @overload
+    def pmap(
+        func: Callable[..., R],
+        /,
+        *iterables: Iterable[Any],
+        return_exceptions: bool,
+        **options: Unpack[Options],
+    ) -> list[R | BaseException]: ...
+
+
 def pmap(
     func: Callable[..., Any],
     *iterables: Iterable[Any],
@@ -308,6 +382,61 @@ def pmap(
     for chunk_results in _run(prepared, ordered=True, eager_errors=True, bounded=False):
         results.extend(chunk_results)
     return results
+
+
+if TYPE_CHECKING:  # the overloads give pmap's result its element type
+
+    @overload
+    def imap(
+        func: Callable[[T1], R],
+        iterable: Iterable[T1],
+        /,
+        *,
+        ordered: bool = True,
+        return_exceptions: Literal[False] = False,
+        **options: Unpack[Options],
+    ) -> Iterator[R]: ...
+    @overload
+    def imap(
+        func: Callable[[T1, T2], R],
+        iterable1: Iterable[T1],
+        iterable2: Iterable[T2],
+        /,
+        *,
+        ordered: bool = True,
+        return_exceptions: Literal[False] = False,
+        **options: Unpack[Options],
+    ) -> Iterator[R]: ...
+    @overload
+    def imap(
+        func: Callable[[T1, T2, T3], R],
+        iterable1: Iterable[T1],
+        iterable2: Iterable[T2],
+        iterable3: Iterable[T3],
+        /,
+        *,
+        ordered: bool = True,
+        return_exceptions: Literal[False] = False,
+        **options: Unpack[Options],
+    ) -> Iterator[R]: ...
+    @overload
+    def imap(
+        func: Callable[..., R],
+        /,
+        *iterables: Iterable[Any],
+        ordered: bool = True,
+        return_exceptions: Literal[False] = False,
+        **options: Unpack[Options],
+    ) -> Iterator[R]: ...
+    @overload
+    def imap(
+        func: Callable[..., R],
+        /,
+        *iterables: Iterable[Any],
+        ordered: bool = True,
+        return_exceptions: bool,
+        **options: Unpack[Options],
+    ) -> Iterator[R | BaseException]: ...
 
 
 def imap(

@@ -100,9 +100,8 @@ class Chunker:
             return None
         items: list[Any] = []
         try:
-            items.extend(
-                itertools.islice(self._items, self._next_size())
-            )  # extend keeps what came before
+            # extend keeps what came before
+            items.extend(itertools.islice(self._items, self._next_size()))
         except Exception as exc:
             self.input_error = exc
         if not items:
@@ -138,9 +137,8 @@ class Chunker:
         per_item = max(self._per_item, 1e-9)
         left = self._length - self._next_start
         guided = math.ceil(left / (GUIDED_SHARES * self._workers))
-        longest = max(
-            1, int(LONGEST_CHUNK_SECONDS / per_item + 1e-6)
-        )  # 1e-6: float noise at exact ratios
+        # 1e-6: float noise at exact ratios
+        longest = max(1, int(LONGEST_CHUNK_SECONDS / per_item + 1e-6))
         worth_a_message = math.ceil(MIN_CHUNK_SECONDS / per_item)
         return max(1, min(self.size, max(min(guided, longest), worth_a_message)))
 

@@ -164,7 +164,7 @@ class Call:
 class Chunk(NamedTuple):
     seq: int
     start: int
-    count: int
+    size: int
     payload: Any
 
 
@@ -270,6 +270,7 @@ class _Run:
         ):
             # Asked before a new chunk is taken, so it judges that chunk.
             depth = None if self.chunker.wants_prefetch() and self.call.max_tasks is None else 1
+            chunk: Chunk | None
             if self.requeued:
                 chunk = self.requeued.popleft()
                 if self.failed_seq is not None and chunk.seq > self.failed_seq:
@@ -294,7 +295,7 @@ class _Run:
             limit = self.call.max_tasks
             if slot is None or limit is None:
                 return slot
-            if slot.items_run + sum(c.count for c in slot.queued) + chunk.count <= limit:
+            if slot.items_run + sum(c.size for c in slot.queued) + chunk.size <= limit:
                 return slot
             slot.retiring = True  # too little life left for this chunk: replaced by a fresh worker
             self.pool.hand_back(slot)
@@ -357,9 +358,8 @@ class _Run:
             # Threads have no sentinel: look at them when the periodic wake-up fires.
             maybe_dead = slot in wake.deaths if slot.worker.sentinel is not None else wake.timed_out
             if maybe_dead and slot in self.pool.slots and slot.worker.exitcode() is not None:
-                self._drain(
-                    slot, out
-                )  # whatever it wrote before dying (results, Bye) is still in the pipe
+                # whatever it wrote before dying (results, Bye) is still in the pipe
+                self._drain(slot, out)
                 error, again = _deaths.on_death(self.pool, self.call, slot, self.attempts)
                 self._run_again(again)
                 self._fail(error)
@@ -391,7 +391,7 @@ class _Run:
         slot.queued.remove(chunk)
         slot.handed_at = time.monotonic()
         self.call.item_segments.pop(seq, None)
-        slot.items_run += chunk.count
+        slot.items_run += chunk.size
         if self.call.max_tasks is not None and slot.items_run >= self.call.max_tasks:
             slot.retiring = True  # no more chunks; replaced once its queue is empty
         return chunk
@@ -415,13 +415,13 @@ class _Run:
         elif isinstance(message, Result):
             chunk = self._take(slot, message.seq)
             try:
-                results = _replies.load(call, message.results)
+                results: list[Any] = _replies.load(call, message.results)
             except Exception as exc:
                 self._fail(_replies.unloadable_results(call, chunk, exc))
                 return None
-            self.chunker.observe(chunk.count, message.seconds)
+            self.chunker.observe(chunk.size, message.seconds)
             if call.progress is not None:
-                call.progress.advance(chunk.count)
+                call.progress.advance(chunk.size)
             if not self.ordered:
                 return results
             self.finished[chunk.seq] = (results, None)
@@ -429,9 +429,8 @@ class _Run:
             chunk = self._take(slot, message.seq)
             error = _replies.raised_error(call, message)
             if self.eager_errors:
-                _shm.unlink(
-                    _wire.segment_paths(message.partial)
-                )  # not needed: only remove its segments
+                # not needed: only remove its segments
+                _shm.unlink(_wire.segment_paths(message.partial))
                 self._fail(error)
                 return None
             partial = _replies.load(call, message.partial) if message.partial is not None else []

@@ -91,9 +91,8 @@ class WorkerPool:
         # Calls that found no worker free, first come first served; each has a pipe
         # that is written when a worker is handed back to it.
         self._waiting: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
-        self._paused: set[int] = (
-            set()
-        )  # calls whose consumer holds them at a yield (an imap not iterated now)
+        # calls whose consumer holds them at a yield (an imap not iterated now)
+        self._paused: set[int] = set()
 
     @property
     def key(self) -> tuple[str, str | None, int]:

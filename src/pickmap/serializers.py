@@ -190,7 +190,12 @@ def _bytes_from_buffer(pid: Any, *, reuse_original: bool) -> Any:
     kind, buffer = pid
     view = memoryview(buffer)
     base = view.obj
-    if type(base) is kind and len(base) == view.nbytes and (kind is bytes or reuse_original):
+    if (
+        isinstance(base, (bytes, bytearray))
+        and type(base) is kind
+        and len(base) == view.nbytes
+        and (kind is bytes or reuse_original)
+    ):
         return base
     return kind(view)
 
@@ -431,11 +436,10 @@ def _dill_classes() -> tuple[type, type, type]:
     class _DillPickler(dill.Pickler):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            ndarray = getattr(
-                sys.modules.get("numpy"), "ndarray", None
-            )  # no numpy loaded: no arrays
+            # no numpy loaded: no arrays
+            ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)
             if ndarray is not None:
-                self.dispatch = _DispatchWithout(type(self).dispatch, ndarray)
+                self.dispatch = _DispatchWithout(dill.Pickler.dispatch, ndarray)
 
         # dill's pickler is the pure-Python one, where persistent_id is a small
         # share of the cost: always on, no second pass.
@@ -571,9 +575,9 @@ def _names_in(data: bytes) -> _Names:
         elif op == "MEMOIZE":
             memo[len(memo)] = pushed[-1] if pushed else None
         elif op in ("BINPUT", "LONG_BINPUT", "PUT"):
-            memo[int(arg)] = pushed[-1] if pushed else None
+            memo[int(arg or 0)] = pushed[-1] if pushed else None  # these opcodes always carry one
         elif op in ("BINGET", "LONG_BINGET", "GET"):
-            pushed.append(memo.get(int(arg)))
+            pushed.append(memo.get(int(arg or 0)))
         elif op == "GLOBAL" or op == "STACK_GLOBAL":
             if op == "GLOBAL":
                 module, _, name = str(arg).partition(" ")

@@ -13,6 +13,7 @@ a ``Lost`` reply naming the chunk, which the engine raises as
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,7 +51,7 @@ class FuturesWorker(Worker):
                 )
                 continue
             self._futures[seq] = future
-            future.add_done_callback(lambda done, seq=seq: self._done(seq, done))
+            future.add_done_callback(functools.partial(self._done, seq))
 
     def _done(self, seq: int, future: concurrent.futures.Future[Any]) -> None:
         self._futures.pop(seq, None)

@@ -88,17 +88,17 @@ def _start_without_main(package: str, process: Any) -> None:
     original = spawn.get_preparation_data
 
     def without_main(name: str) -> dict[str, Any]:
-        data = original(name)
+        data: dict[str, Any] = original(name)
         data.pop("init_main_from_path", None)
         data.pop("init_main_from_name", None)
         return data
 
     with _PREPARING:
-        spawn.get_preparation_data = without_main
+        spawn.get_preparation_data = without_main  # type: ignore[attr-defined]
         try:
             process.start()
         finally:
-            spawn.get_preparation_data = original
+            spawn.get_preparation_data = original  # type: ignore[attr-defined]
 
 
 class ProcessWorker(Worker):
@@ -116,7 +116,9 @@ class ProcessWorker(Worker):
         # Under fork, Process arguments are inherited, not pickled: the call's
         # callable reaches the worker without being serialized at all.
         adopted = tuple(start.inheritance) if forked and start.inheritance is not None else None
-        self.adopted_call = start.inheritance.spec.id if adopted is not None else None
+        self.adopted_call = (
+            start.inheritance.spec.id if adopted is not None and start.inheritance else None
+        )
         self.process = context.Process(
             target=process_main,
             args=(
@@ -157,9 +159,8 @@ class ProcessWorker(Worker):
         self._closed = False
         self._exitcode: int | None = None
         self.pid = self.process.pid
-        self._child = (
-            start.start_method != "forkserver"
-        )  # forkserver workers are the fork server's children
+        # forkserver workers are the fork server's children, not ours
+        self._child = start.start_method != "forkserver"
         self._pidfd = _open_pidfd(self.pid)
         self.sentinel = self._pidfd if self._pidfd is not None else self.process.sentinel
 
@@ -172,7 +173,7 @@ class ProcessWorker(Worker):
     def exitcode(self) -> int | None:
         if self._closed:
             return self._exitcode
-        code = self.process.exitcode
+        code: int | None = self.process.exitcode
         if code is None and self._pidfd is not None and _readable(self._pidfd, 0):
             # It has exited; the status follows at once from waitpid (a child),
             # or shortly from the fork server (forkserver).
@@ -181,12 +182,12 @@ class ProcessWorker(Worker):
 
     def _status_after_exit(self, seconds: float) -> int | None:
         if not self._child:
-            self.process.join(
-                seconds
-            )  # waits on the fork server's report, which no grandchild holds
-            return self.process.exitcode
+            # waits on the fork server's report, which no grandchild holds
+            self.process.join(seconds)
+            exitcode: int | None = self.process.exitcode
+            return exitcode
         deadline = time.monotonic() + seconds
-        code = self.process.exitcode  # waitpid(WNOHANG): reaps it
+        code: int | None = self.process.exitcode  # waitpid(WNOHANG): reaps it
         while code is None and time.monotonic() < deadline:
             time.sleep(0.001)
             code = self.process.exitcode
@@ -220,9 +221,8 @@ class ProcessWorker(Worker):
         if self._closed:
             return
         self.announce_stop()
-        if (
-            self.outbox.pending or self.conn.closed
-        ):  # a Stop that cannot be written now: nothing to wait for
+        # a Stop that cannot be written now: nothing to wait for
+        if self.outbox.pending or self.conn.closed:
             self.kill()
             return
         self._await_exit(grace)
@@ -238,12 +238,10 @@ class ProcessWorker(Worker):
         self.conn.close()
         _CALLER_ENDS.discard(self.conn)
         if self.pid is not None:
-            _shm.unlink_writer(
-                os.getpid(), f"w{self.pid}"
-            )  # results it wrote that will never be read
-        _shm.unlink(
-            [self._progress_path]
-        )  # the worker removes it once mapped; not if it died first
+            # results it wrote that will never be read
+            _shm.unlink_writer(os.getpid(), f"w{self.pid}")
+        # the worker removes it once mapped; not if it died first
+        _shm.unlink([self._progress_path])
         self.progress.release()
         self._progress_map.close()
         self._exitcode = self.process.exitcode
@@ -264,11 +262,11 @@ def _open_pidfd(pid: int | None) -> int | None:
     if pidfd_open is None or pid is None:
         return None
     try:
-        return pidfd_open(pid)
-    except (
-        OSError
-    ):  # an old kernel (ENOSYS), a sandbox (EPERM), or already reaped (ESRCH): the sentinel will do
+        fd: int = pidfd_open(pid)
+    except OSError:
+        # an old kernel (ENOSYS), a sandbox (EPERM), or already reaped (ESRCH): the sentinel will do
         return None
+    return fd
 
 
 def _readable(fd: int, seconds: float) -> bool:

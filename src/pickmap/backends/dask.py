@@ -102,7 +102,8 @@ def close_owned() -> None:
     """Close the clients and the LocalCluster pickmap made (at exit, and by ``pickmap.shutdown()``)."""
     with _LOCK:
         owned = [*_OWNED.values(), *_CLUSTER]
-        _OWNED.clear(), _CLUSTER.clear()
+        _OWNED.clear()
+        _CLUSTER.clear()
     for resource in owned:
         try:
             resource.close()
@@ -127,8 +128,9 @@ def pickmap_task(call: tuple[str, int], setup_blob: bytes, task_blob: bytes) -> 
     with _SETUPS_LOCK:
         setup = _SETUPS.get(call)
         if setup is None:
-            (setup,) = _wire.from_blob(setup_blob)
-            _SETUPS[call] = setup
+            (decoded,) = _wire.from_blob(setup_blob)
+            assert isinstance(decoded, Setup)
+            setup = _SETUPS[call] = decoded
             while len(_SETUPS) > 4:
                 _SETUPS.popitem(last=False)
     (task,) = _wire.from_blob(task_blob)
@@ -140,9 +142,8 @@ class _DaskWorker(FuturesWorker):
     def __init__(self, backend: DaskBackend, client: Any) -> None:
         super().__init__(client.submit, blobs=True)
         self._backend, self._client = backend, client
-        self._held: set[Any] = (
-            set()
-        )  # keeps its calls' setup futures alive (see DaskBackend._setups)
+        # keeps its calls' setup futures alive (see DaskBackend._setups)
+        self._held: set[Any] = set()
 
     def send(self, messages: Sequence[Message]) -> None:
         for job in messages:
@@ -234,9 +235,8 @@ class DaskBackend(Backend):
 
     def default_workers(self) -> int:
         client = self.find_client(start=False)
-        if (
-            client is None
-        ):  # what LocalCluster() will have (one thread per usable CPU), without starting it
+        # what LocalCluster() will have (one thread per usable CPU), without starting it
+        if client is None:
             return super().default_workers()
         return max(1, self.threads(client)[1])
 
