@@ -1,6 +1,6 @@
 """User executors as backends (``backend=<Executor>``) and the ``ppe`` backend: what only they add
 to the conformance suite — faults inside an executor pickmap does not own, timeouts that wait only,
-executors never shut down by pickmap, and the one-file backend documented in docs/backends.md."""
+executors never shut down by pickmap, and the one-file backend documented in docs/how-to/write-a-backend.md."""
 
 from __future__ import annotations
 
@@ -133,9 +133,9 @@ def test_the_ppe_backend_is_registered_and_explained_but_not_on_the_ladder():
 
 
 def test_the_docs_write_your_own_backend_example_is_the_tested_one_file_backend():
-    with open(os.path.join(ROOT, "docs", "backends.md"), encoding="utf-8") as file:
+    with open(os.path.join(ROOT, "docs", "how-to", "write-a-backend.md"), encoding="utf-8") as file:
         docs = file.read()
-    section = docs[docs.index("## Write your own backend") :]
+    section = docs[docs.index("# Write your own backend") :]
     shown = re.search(r"```python\n(.*?)```", section, re.S)
     assert shown is not None
     with open(os.path.join(TESTS, "onefile_backend.py"), encoding="utf-8") as file:
