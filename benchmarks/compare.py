@@ -40,7 +40,7 @@ here once it lands.
 
 Prints the machine, Python and library versions and the exact command, then
 markdown tables (seconds, ratios pickmap / peer, targets met or not) and writes
-a grouped bar chart (``--chart``, default ``docs/performance.png``).
+a grouped bar chart (``--chart``, default ``docs/explanation/performance.png``).
 """
 
 from __future__ import annotations
@@ -1397,8 +1397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
     parser.add_argument(
         "--chart",
-        default=str(ROOT / "docs" / "performance.png"),
-        help="bar chart path (default docs/performance.png; the data rows go to <name>-data.png "
+        default=str(ROOT / "docs" / "explanation" / "performance.png"),
+        help="bar chart path (default docs/explanation/performance.png; the data rows go to <name>-data.png "
         "beside it); 'none' to skip",
     )
     parser.add_argument(

@@ -1,8 +1,8 @@
 """A backend in one file: pmap on a ``multiprocessing.Pool``, without touching pickmap's core.
 
 Registered by conftest.py as ``"test-mp-pool"``, so the whole conformance
-suite runs on it; docs/backends.md shows this file as its "Write your own
-backend" example (a test checks they are the same).
+suite runs on it; docs/how-to/write-a-backend.md shows this file as its
+example (a test checks they are the same).
 """
 
 from __future__ import annotations

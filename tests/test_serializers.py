@@ -297,7 +297,7 @@ def test_a_callable_holding_arrays_runs_in_fresh_workers_on_read_only_shared_arr
     indices = [0, 17, ELEMENTS // 2 - 1]
     kwargs: dict[str, Any] = {"backend": "stdlib", "start_method": start_method, "workers": 2}
     assert pickmap.pmap(model.predict, indices, **kwargs) == list(map(model.predict, indices))
-    # The callable's arrays are views of one shared copy (docs/failures.md: read-only in workers).
+    # The callable's arrays are views of one shared copy (docs/explanation/failures.md: read-only in workers).
     assert pickmap.pmap(model.can_write_weights, [0, 1], **kwargs) == [False, False]
 
 

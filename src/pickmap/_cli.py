@@ -34,7 +34,7 @@ MARKS = {OK: "✓", WARN: "!", BROKEN: "✗"}
 ASCII_MARKS = {OK: "+", WARN: "!", BROKEN: "x"}
 MIN_PYTHON = (3, 11)
 SHM_PATH = "/dev/shm"
-SHM_LOW = 1 << 30  # Docker's default is 64 MiB; a spill file or a shared array can exceed it
+SHM_LOW = 1 << 30  # Docker's default is 64 MiB; one shared array can exceed it
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
@@ -88,8 +88,9 @@ def check_start_method() -> Check:
     details = (
         f"threads in this process (entries in /proc/self/task): {threads}",
         (
-            "fork is the default only while a process runs a single thread; threads started by C libraries "
-            "(a BLAS pool, for one) count too, and a program that runs more threads gets forkserver"
+            "fork is the default only while a process runs a single thread, or its only other threads "
+            "are an OpenBLAS pool (which OpenBLAS quiesces around fork()); with any other thread, "
+            "forkserver"
         ),
     )
     if from_env:
@@ -235,8 +236,9 @@ def _can_write(directory: str) -> bool:
 def check_shm(path: str = SHM_PATH) -> Check:
     details = (
         (
-            "pickmap writes callables and initializers of 1 MiB or more to a spill file there, once per call; "
-            f"multiprocessing's shared memory lives there too (otherwise in {tempfile.gettempdir()})"
+            "pickmap puts buffers of 256 KiB or more (numpy arrays, bytes) of callables, items and "
+            "results in shared-memory segments there, mapped by the reader; when it is missing or full "
+            f"they go to {tempfile.gettempdir()}, then through the pipe, with one warning"
         ),
     )
     try:
@@ -244,7 +246,7 @@ def check_shm(path: str = SHM_PATH) -> Check:
     except OSError:
         # macOS has no /dev/shm, and that is normal
         status = WARN if sys.platform.startswith("linux") else OK
-        fix = f"spill files go to {tempfile.gettempdir()} instead; mount a tmpfs on {path} for memory-speed ones"
+        fix = f"segments go to {tempfile.gettempdir()} instead; mount a tmpfs on {path} for memory-speed ones"
         return Check(status, f"{path}: not present", fix if status == WARN else "", details)
     size, free = stats.f_blocks * stats.f_frsize, stats.f_bavail * stats.f_frsize
     writable = _can_write(path)
@@ -292,12 +294,14 @@ def check_thread_pools() -> Check:
     )
     details = [", ".join(f"{key}={value}" for key, value in pool.items()) for pool in pools]
     if started > 0:
+        method, why = _settings.default_start_method()
         details.append(
-            f"importing numpy started {_plural(started, 'thread')} here: a program that imports it before "
-            "its first pmap call gets the forkserver start method by default, not fork"
+            f"importing numpy started {_plural(started, 'thread')} here; a program that imports it "
+            f"before its first pmap call still gets {method} by default: {why}"
         )
     details.append(
-        "pickmap leaves these pool sizes alone (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS or threadpoolctl set them)"
+        "each worker limits these pools to usable CPUs // workers threads (inner_threads=, "
+        f"{_settings.ENV_INNER_THREADS}; 0 or off leaves them alone)"
     )
     return Check(OK, f"{title}: {found or 'none loaded by numpy'}", details=tuple(details))
 

@@ -1,6 +1,6 @@
 """``dask``: the same ``pmap`` on a dask.distributed cluster (``pip install "pickmap[dask]"``).
 
-Which cluster, first match wins (looked up at every call; see docs/cluster.md):
+Which cluster, first match wins (looked up at every call; see docs/how-to/dask.md):
 
 1. ``DaskBackend(client=c)``, passed as ``backend=``;
 2. ``PICKMAP_DASK_ADDRESS`` (``tcp://host:port``, ``tls://``, ``ws(s)://``,

@@ -4,7 +4,7 @@ The strategy the design started from, kept for comparison and for code that
 wants the standard library's executor underneath. It is on the registry and
 in ``explain``, not on the probe's ladder: the ``cloudpickle`` backend carries
 the same callables on pickmap's own workers, which keep the callable loaded
-per call and report per-item progress (see docs/performance.md for the cost).
+per call and report per-item progress (see docs/explanation/performance.md for the cost).
 
 Each worker of a ppe pool is a single-process ``ProcessPoolExecutor`` of its
 own, kept warm with the pool across calls. That is what lets a stuck or
