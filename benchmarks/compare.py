@@ -317,9 +317,8 @@ class Setting:
 
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)
-    pycache: bool = (
-        True  # False for an installed pickmap: use the .pyc pip compiled, as a user does
-    )
+    # False for an installed pickmap: use the .pyc pip compiled, as a user does
+    pycache: bool = True
     unavailable: str | None = None  # why this row cannot run (then every cell says so)
 
 
@@ -894,9 +893,8 @@ class Section:
     rows: tuple[str, ...]
     libs: tuple[str, ...]
     mine: str = "pickmap"
-    ratio_to: str | None = (
-        None  # the ratio table divides every column by this one (default: mine / peer)
-    )
+    # the ratio table divides every column by this one (default: mine / peer)
+    ratio_to: str | None = None
     resources: bool = False  # CPU and memory tables
     note: str = ""
 

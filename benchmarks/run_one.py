@@ -162,9 +162,8 @@ LIBS = (
     "pickmap_dask",
     "dask",  # issue 11
 )
-WARM_TIMED_CALLS = (
-    20  # warm8_dask: timed calls after one untimed warm-up; the median call is reported
-)
+# warm8_dask: timed calls after one untimed warm-up; the median call is reported
+WARM_TIMED_CALLS = 20
 THREADS = 4
 THREAD_CALLS = 50
 
@@ -959,9 +958,8 @@ def main(argv: list[str] | None = None) -> int:
             out["workers_cpu_s"] = children_cpu1 - children_cpu0
             out["workers_peak_mb"] = children_peak1
             if children_peak0:
-                out["workers_peak_before_mb"] = (
-                    children_peak0  # a child reaped before the region set the floor
-                )
+                # a child reaped before the region set the floor
+                out["workers_peak_before_mb"] = children_peak0
     line = (RESULT_MARKER + json.dumps(out) + "\n").encode()
     view = memoryview(line)
     while view:

@@ -147,9 +147,8 @@ def _start(args: list[str], log: Any) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([TESTS, SRC, os.environ.get("PYTHONPATH", "")])
     )
-    env["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = (
-        "1"  # one retry: KilledWorker after two deaths
-    )
+    # one retry: KilledWorker after two deaths
+    env["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = "1"
     # Its own session (process group), so teardown kills nannies and their workers together.
     return subprocess.Popen(
         [sys.executable, "-m", *args],

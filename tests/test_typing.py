@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 USAGE = os.path.join(HERE, "typing", "usage.py")
+MISUSE = os.path.join(HERE, "typing", "misuse.py")
 
 
 def _expectations() -> dict[int, str]:
@@ -23,6 +25,23 @@ def _expectations() -> dict[int, str]:
         }
 
 
+def _marked_lines(path: str) -> set[int]:
+    with open(path, encoding="utf-8") as file:
+        return {
+            number for number, line in enumerate(file, start=1) if line.rstrip().endswith("# error")
+        }
+
+
+def _mypy(path: str, cache: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", cache, path],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
 def _short(type_text: str) -> str:
     # mypy names builtins and some stdlib classes by their full path in some versions
     return re.sub(r"\b(?:builtins|concurrent\.futures\._base)\.", "", type_text)
@@ -31,14 +50,7 @@ def _short(type_text: str) -> str:
 @pytest.fixture(scope="module")
 def mypy_output(tmp_path_factory: pytest.TempPathFactory) -> str:
     pytest.importorskip("mypy")
-    cache = tmp_path_factory.mktemp("mypy-cache")
-    done = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(cache), USAGE],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    done = _mypy(USAGE, str(tmp_path_factory.mktemp("mypy-cache")))
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -65,3 +77,13 @@ def test_the_typed_usage_file_also_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "list" in done.stderr  # typing.reveal_type prints to stderr at run time
+
+
+def test_mypy_rejects_wrong_item_types_arities_options_and_executor_arguments(
+    tmp_path: pathlib.Path,
+) -> None:
+    pytest.importorskip("mypy")
+    done = _mypy(MISUSE, str(tmp_path))
+    flagged = {int(n) for n in re.findall(r"misuse\.py:(\d+): error:", done.stdout)}
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert flagged == _marked_lines(MISUSE), done.stdout

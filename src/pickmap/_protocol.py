@@ -42,9 +42,8 @@ __all__ = (
 
 #: Tells this caller process apart from others that share an executor process
 #: (call ids are only unique per caller). Regenerated in a forked child.
-CALLER_TOKEN = (
-    f"{os.getpid()}-{os.urandom(4).hex()}"  # os.urandom: the secrets module costs 7 ms to import
-)
+# os.urandom: the secrets module costs 7 ms to import
+CALLER_TOKEN = f"{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def _new_token() -> None:

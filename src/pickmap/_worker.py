@@ -237,9 +237,8 @@ class WorkerState:
         self.spec: CallSpec | None = None
         self.serializer: Serializer = get_serializer("identity")
         self.func: Callable[..., Any] | None = None
-        self.logs: Any = (
-            None  # _logs.Forwarder, once the caller's logging is known to be configured
-        )
+        # _logs.Forwarder, once the caller's logging is known to be configured
+        self.logs: Any = None
 
     def handle(self, message: Message) -> list[Message]:
         if isinstance(message, Setup):

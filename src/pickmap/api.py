@@ -212,9 +212,8 @@ def _prepare(
         progress=sink,
     )
     if call.timed and not chosen.reports_progress:
-        chunksize = (
-            1  # no per-item progress: each task's clock starts when its one item is handed over
-        )
+        # no per-item progress: each task's clock starts when its one item is handed over
+        chunksize = 1
     chunker = Chunker(items, length, size, chunksize, func, largest=max_tasks)
     return _Prepared(plan, call, chunker, idle_timeout)
 
@@ -260,7 +259,7 @@ def _stream(chunks: Iterator[list[Any]]) -> Iterator[Any]:
         chunks.close()  # type: ignore[attr-defined] # closing early cancels the call now, not at GC
 
 
-if TYPE_CHECKING:  # the overloads give pmap's result its element type
+if TYPE_CHECKING:  # the overloads give the results the callable's return type
 
     @overload
     def pmap(
@@ -273,6 +272,15 @@ if TYPE_CHECKING:  # the overloads give pmap's result its element type
     ) -> list[R]: ...
     @overload
     def pmap(
+        func: Callable[[T1], R],
+        iterable: Iterable[T1],
+        /,
+        *,
+        return_exceptions: bool,
+        **options: Unpack[Options],
+    ) -> list[R | BaseException]: ...
+    @overload
+    def pmap(
         func: Callable[[T1, T2], R],
         iterable1: Iterable[T1],
         iterable2: Iterable[T2],
@@ -281,6 +289,16 @@ if TYPE_CHECKING:  # the overloads give pmap's result its element type
         return_exceptions: Literal[False] = False,
         **options: Unpack[Options],
     ) -> list[R]: ...
+    @overload
+    def pmap(
+        func: Callable[[T1, T2], R],
+        iterable1: Iterable[T1],
+        iterable2: Iterable[T2],
+        /,
+        *,
+        return_exceptions: bool,
+        **options: Unpack[Options],
+    ) -> list[R | BaseException]: ...
     @overload
     def pmap(
         func: Callable[[T1, T2, T3], R],
@@ -294,17 +312,36 @@ if TYPE_CHECKING:  # the overloads give pmap's result its element type
     ) -> list[R]: ...
     @overload
     def pmap(
-        func: Callable[..., R],
+        func: Callable[[T1, T2, T3], R],
+        iterable1: Iterable[T1],
+        iterable2: Iterable[T2],
+        iterable3: Iterable[T3],
         /,
-        *iterables: Iterable[Any],
+        *,
+        return_exceptions: bool,
+        **options: Unpack[Options],
+    ) -> list[R | BaseException]: ...
+    @overload
+    def pmap(
+        func: Callable[..., R],
+        iterable1: Iterable[Any],
+        iterable2: Iterable[Any],
+        iterable3: Iterable[Any],
+        iterable4: Iterable[Any],
+        /,
+        *more: Iterable[Any],
         return_exceptions: Literal[False] = False,
         **options: Unpack[Options],
     ) -> list[R]: ...
     @overload
     def pmap(
         func: Callable[..., R],
+        iterable1: Iterable[Any],
+        iterable2: Iterable[Any],
+        iterable3: Iterable[Any],
+        iterable4: Iterable[Any],
         /,
-        *iterables: Iterable[Any],
+        *more: Iterable[Any],
         return_exceptions: bool,
         **options: Unpack[Options],
     ) -> list[R | BaseException]: ...
@@ -384,7 +421,7 @@ def pmap(
     return results
 
 
-if TYPE_CHECKING:  # the overloads give pmap's result its element type
+if TYPE_CHECKING:  # the overloads give the results the callable's return type
 
     @overload
     def imap(
@@ -398,9 +435,42 @@ if TYPE_CHECKING:  # the overloads give pmap's result its element type
     ) -> Iterator[R]: ...
     @overload
     def imap(
+        func: Callable[[T1], R],
+        iterable: Iterable[T1],
+        /,
+        *,
+        ordered: bool = True,
+        return_exceptions: bool,
+        **options: Unpack[Options],
+    ) -> Iterator[R | BaseException]: ...
+    @overload
+    def imap(
         func: Callable[[T1, T2], R],
         iterable1: Iterable[T1],
         iterable2: Iterable[T2],
+        /,
+        *,
+        ordered: bool = True,
+        return_exceptions: Literal[False] = False,
+        **options: Unpack[Options],
+    ) -> Iterator[R]: ...
+    @overload
+    def imap(
+        func: Callable[[T1, T2], R],
+        iterable1: Iterable[T1],
+        iterable2: Iterable[T2],
+        /,
+        *,
+        ordered: bool = True,
+        return_exceptions: bool,
+        **options: Unpack[Options],
+    ) -> Iterator[R | BaseException]: ...
+    @overload
+    def imap(
+        func: Callable[[T1, T2, T3], R],
+        iterable1: Iterable[T1],
+        iterable2: Iterable[T2],
+        iterable3: Iterable[T3],
         /,
         *,
         ordered: bool = True,
@@ -416,14 +486,18 @@ if TYPE_CHECKING:  # the overloads give pmap's result its element type
         /,
         *,
         ordered: bool = True,
-        return_exceptions: Literal[False] = False,
+        return_exceptions: bool,
         **options: Unpack[Options],
-    ) -> Iterator[R]: ...
+    ) -> Iterator[R | BaseException]: ...
     @overload
     def imap(
         func: Callable[..., R],
+        iterable1: Iterable[Any],
+        iterable2: Iterable[Any],
+        iterable3: Iterable[Any],
+        iterable4: Iterable[Any],
         /,
-        *iterables: Iterable[Any],
+        *more: Iterable[Any],
         ordered: bool = True,
         return_exceptions: Literal[False] = False,
         **options: Unpack[Options],
@@ -431,8 +505,12 @@ if TYPE_CHECKING:  # the overloads give pmap's result its element type
     @overload
     def imap(
         func: Callable[..., R],
+        iterable1: Iterable[Any],
+        iterable2: Iterable[Any],
+        iterable3: Iterable[Any],
+        iterable4: Iterable[Any],
         /,
-        *iterables: Iterable[Any],
+        *more: Iterable[Any],
         ordered: bool = True,
         return_exceptions: bool,
         **options: Unpack[Options],

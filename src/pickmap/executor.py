@@ -74,7 +74,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import BrokenExecutor, Future
 from concurrent.futures import Executor as _StdExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .api import imap
 from .errors import RemoteTraceback, WorkerError
@@ -82,6 +82,10 @@ from .errors import RemoteTraceback, WorkerError
 __all__ = ("Executor",)
 
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from typing import ParamSpec
+
+    P = ParamSpec("P")
 
 # (exception or WorkerError, worker's formatted traceback or None when it ran in this process)
 _Failure = tuple[BaseException, "str | None"]
@@ -357,13 +361,12 @@ class Executor(_StdExecutor):
         )
         # Collected without shutdown(): let queued work finish and the thread exit.
         finalizer = weakref.finalize(self, self._state.close)
-        finalizer.atexit = (
-            False  # exit is handled by _on_interpreter_exit, before threads are joined
-        )
+        # exit is handled by _on_interpreter_exit, before threads are joined
+        finalizer.atexit = False
         with _live_lock:
             _live_states.add(self._state)
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)``; return its :class:`~concurrent.futures.Future`."""
         return self._enqueue(fn, _callable_key(fn, False), args, kwargs)
 

@@ -64,9 +64,8 @@ class Slot:
         self.said_bye = False  # exited after its idle timeout
         self.eof = False  # its channel closed: dead or dying
         self.ready = False  # a process worker said Ready: it started
-        self.handed_at = (
-            0.0  # when its oldest queued chunk was handed over (for timeouts without progress)
-        )
+        # when its oldest queued chunk was handed over (for timeouts without progress)
+        self.handed_at = 0.0
         self.items_run = 0  # over its whole life (max_tasks_per_worker)
         self.retiring = False  # has run its share of items: gets no more chunks
 

@@ -169,9 +169,8 @@ def get_backend(name: str) -> Backend:
                 f"the factory registered for {name!r} returned {backend!r}, not a pickmap Backend"
             )
         if getattr(backend, "name", None) != name:
-            backend.name = (
-                name  # pools and messages use the registered name; a class need not repeat it
-            )
+            # pools and messages use the registered name; a class need not repeat it
+            backend.name = name
         _INSTANCES[name] = backend
         return backend
 
