@@ -178,3 +178,37 @@ def test_workers_never_re_run_the_main_script_so_no_guard_is_needed(method, tmp_
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["top level ran in caller", "[1, 2, 3, 4]"]
+
+
+INITIALIZER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import pickmap
+
+    SCALE = None
+
+    def init(value):
+        global SCALE
+        SCALE = value
+
+    def scaled(x):
+        return x * SCALE
+
+    if __name__ == "__main__":
+        backend = sys.argv[1]
+        for value in (7, 8):  # the second call finds the workers warm
+            print(pickmap.pmap(scaled, range(3), backend=backend, workers=2,
+                               initializer=init, initargs=(value,)))
+    """
+)
+
+
+@pytest.mark.parametrize("serializer", ["cloudpickle", "dill"])
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_main_initializer_sets_a_global_the_main_function_reads(tmp_path, method, serializer):
+    # The Pool(initializer=...) idiom: under spawn and forkserver, and under fork
+    # once workers are warm, both travel by value, and must share one namespace.
+    script = tmp_path / "init_script.py"
+    script.write_text(INITIALIZER_SCRIPT)
+    out = run_python([str(script), serializer], {"PICKMAP_START_METHOD": method}).splitlines()
+    assert out == ["[0, 7, 14]", "[0, 8, 16]"]

@@ -26,9 +26,9 @@ executor or a cluster. Data flow for one ``pmap`` call (records from
     ordered/unordered emit ◀──────────────────────────────────────── dump results (large
     (maps and unlinks result                                        buffers: a segment)
      segments at once)
-                                    Raised(seq, index, repr, traceback, exc, partial)
-                                    Unsendable(seq, index, type, reason)
-                                    SetupFailed(call, stage, index, repr, traceback, exc)
+                                    Raised(seq, item, repr, traceback, exc, partial)
+                                    Unsendable(seq, item, type, reason)
+                                    SetupFailed(call, stage, first_item, repr, traceback, exc)
                                     Bye      idle too long: exits without reading more
                                     Ready    sent once at start-up, so a death before
                                              it is told apart from a crash
@@ -45,6 +45,7 @@ result the other can never deadlock.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import os
 import queue
@@ -52,6 +53,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,6 +88,49 @@ __all__ = (
 # Set in every pickmap worker process; nested pmap calls read it (and the thread-local below).
 _IN_WORKER = False
 _THREAD = threading.local()
+
+
+def _globals_of(func: Any) -> dict[str, Any] | None:
+    """The module namespace a callable reads its globals from (a function's, a method's, a partial's)."""
+    for _ in range(8):  # partial of a method of ...: a few levels at most
+        if isinstance(func, types.FunctionType):
+            return func.__globals__
+        inner = getattr(func, "__func__", None) or getattr(func, "func", None)
+        if inner is None:
+            return None
+        func = inner
+    return None
+
+
+def share_namespace(func: Any, initializer: Any) -> Any:
+    """The initializer, reading and writing the callable's globals when both came from one script.
+
+    A callable and an initializer defined in ``__main__`` (or any module the
+    worker cannot import) travel by value in two payloads, and each would get
+    a namespace of its own: a global the initializer sets would never be seen
+    by the callable. In the caller they shared one module, so here they do too.
+    """
+    target = _globals_of(func)
+    if target is None or not isinstance(initializer, types.FunctionType):
+        return initializer
+    own = initializer.__globals__
+    module = sys.modules.get(initializer.__module__)
+    if own is target or own.get("__name__") != target.get("__name__"):
+        return initializer
+    if module is not None and vars(module) is own:
+        return initializer  # an imported module's function: the namespace is shared already
+    for name, value in own.items():
+        target.setdefault(name, value)
+    rebuilt = types.FunctionType(
+        initializer.__code__,
+        target,
+        initializer.__name__,
+        initializer.__defaults__,
+        initializer.__closure__,
+    )
+    rebuilt.__kwdefaults__ = initializer.__kwdefaults__
+    rebuilt.__dict__.update(initializer.__dict__)
+    return rebuilt
 
 
 def in_worker() -> bool:
@@ -307,7 +352,7 @@ class WorkerState:
                 stage = "initializer-load"
                 initializer, initargs = self._load(setup.init)
                 stage = "initializer"
-                initializer(*initargs)
+                share_namespace(func, initializer)(*initargs)
         except BaseException as exc:
             return [self._failure(stage, None, exc)]
         finally:
@@ -363,7 +408,7 @@ class WorkerState:
                 payload = self._dump(results)
             except BaseException as exc:
                 index, bad = self._first_unsendable(results, task.start)
-                reason = f"{type(exc).__name__}: {_safe_text(exc.__str__, exc)}"
+                reason = f"{type(exc).__name__}: {_safe_text(functools.partial(str, exc), exc)}"
                 return [Unsendable(task.seq, index, type(bad).__qualname__, reason)]
             return [Result(task.seq, elapsed, payload)]
         finally:
@@ -434,11 +479,12 @@ def run_job(job: Job | bytes) -> list[Message] | bytes:
     worker, so a nested ``pmap`` inside the task runs in place.
     """
     blob = not isinstance(job, Job)
-    if not isinstance(job, Job):
+    if isinstance(job, (bytes, bytearray, memoryview)):
         (loaded,) = _wire.from_blob(bytes(job))
         assert isinstance(loaded, Job)
         job = loaded
-    assert isinstance(job, Job)
+    if not isinstance(job, Job):
+        raise TypeError(f"run_job takes a Job or its blob (bytes), not {type(job).__name__}")
     spec = job.setup.call
     key = (spec.token, spec.id)
     with _JOB_LOCK:
