@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+import pickmap
 from pickmap import pmap
 
 pytestmark = pytest.mark.timeout(60)
@@ -73,6 +74,27 @@ def test_the_callers_level_for_a_named_logger_applies_to_worker_records(captured
         logging.getLogger("noisy").setLevel(logging.NOTSET)
     names = [r.name for r in captured.records if r.name in ("noisy", "task.logs")]
     assert names.count("task.logs") == 3 and "noisy" not in names
+
+
+def log_info_to_myapp(x: int) -> int:
+    logging.getLogger("myapp").info("info %d", x)
+    return x
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_logger_set_below_the_root_level_lets_its_worker_records_through(captured, method):
+    # Root at WARNING, myapp at INFO: the caller handles myapp's INFO records, so the
+    # workers must send them, whether they inherited the levels (fork) or not.
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    logging.getLogger("myapp").setLevel(logging.INFO)
+    pickmap.shutdown()  # fresh workers: under fork they would inherit these levels
+    try:
+        pmap(log_info_to_myapp, range(4), backend="stdlib", workers=2, start_method=method)
+    finally:
+        logging.getLogger("myapp").setLevel(logging.NOTSET)
+    seen = sorted(r.getMessage() for r in captured.records if r.name == "myapp")
+    assert seen == [f"info {x}" for x in range(4)]
 
 
 @pytest.mark.parametrize("backend", ["cloudpickle", "ppe"])

@@ -20,7 +20,7 @@ import collections
 import sys
 from typing import Any
 
-__all__ = ("Forwarder", "caller_level", "debug", "deliver", "install_forwarder", "warning")
+__all__ = ("Forwarder", "caller_levels", "debug", "deliver", "install_forwarder", "warning")
 
 
 def _logger() -> Any:
@@ -40,12 +40,19 @@ def warning(message: str, *args: Any) -> None:
         logger.warning(message, *args)
 
 
-def caller_level() -> int | None:
-    """The root logger's level when the caller has configured logging (a handler), else None."""
+def caller_levels() -> tuple[tuple[str, int], ...] | None:
+    """When the caller has configured logging (a root handler): the root logger's level
+    (named ``""``) and every logger's level the caller set, so a worker lets through the
+    records the caller would handle, whatever the start method. None otherwise."""
     logging = sys.modules.get("logging")
     if logging is None or not logging.getLogger().handlers:
         return None
-    return int(logging.getLogger().getEffectiveLevel())
+    levels = [("", int(logging.getLogger().getEffectiveLevel()))]
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        level = getattr(logger, "level", logging.NOTSET)  # placeholders have none
+        if level != logging.NOTSET:
+            levels.append((name, int(level)))
+    return tuple(levels)
 
 
 class Forwarder:
@@ -88,7 +95,7 @@ def _plain(record: Any) -> dict[str, Any]:
 _installed: Forwarder | None = None
 
 
-def install_forwarder(level: int) -> Forwarder:
+def install_forwarder(levels: tuple[tuple[str, int], ...]) -> Forwarder:
     """In a worker process: the root logger forwards to the caller (once). Handlers the
     process has (copies inherited from the caller by fork) are dropped: the caller's own
     handle the forwarded records, so nothing is printed twice."""
@@ -101,7 +108,8 @@ def install_forwarder(level: int) -> Forwarder:
         for handler in list(root.handlers):
             root.removeHandler(handler)
         root.addHandler(_installed.handler)
-    root.setLevel(level)
+    for name, level in levels:
+        logging.getLogger(name or None).setLevel(level)
     return _installed
 
 

@@ -65,7 +65,8 @@ class CallSpec(NamedTuple):
     timed: bool  # timeout= is set: report each item's start in the progress slot
     share: bool  # workers share the caller's files: large results may go through shared memory
     inner_threads: int = 0  # BLAS/OpenMP threads per worker process (0: leave the pools alone)
-    log_level: int | None = None  # the caller's root level, when it has configured logging
+    # the caller's logger levels ("": the root's) when it has configured logging
+    log_levels: tuple[tuple[str, int], ...] | None = None
 
     @property
     def caller_pid(self) -> int:

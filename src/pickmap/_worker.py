@@ -319,8 +319,8 @@ class WorkerState:
         if self.own_process and self.spec is not None:
             # after loading: the callable may have imported numpy
             limit_inner_threads(self.spec.inner_threads)
-            if self.spec.log_level is not None:
-                self.logs = _logs.install_forwarder(self.spec.log_level)
+            if self.spec.log_levels is not None:
+                self.logs = _logs.install_forwarder(self.spec.log_levels)
         self.func = func
 
     def _load(self, payload: Any) -> Any:

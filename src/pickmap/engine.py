@@ -103,9 +103,8 @@ class Call:
             self.timed,
             self.uses_shared_memory,
             inner_threads if backend.processes else 0,
-            _logs.caller_level()
-            if backend.processes and backend.shares_files
-            else None,  # not to a cluster
+            # not to a cluster: its workers log through dask
+            _logs.caller_levels() if backend.processes and backend.shares_files else None,
         )
         self._func_payload = func_payload
         self._init_payload = init_payload
