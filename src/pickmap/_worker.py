@@ -18,7 +18,7 @@ executor or a cluster. Data flow for one ``pmap`` call (records from
                                   └──────────────────────────────▶ load func (buffers are
                                                                    read-only views of the
                                                                    segment), run initializer
-    chunker: next items ─▶ dump ──  Task(call, seq, start, items)
+    chunker: next items ─▶ dump ──  Task(call_id, seq, start, items)
     (large buffers: a segment the   ──────────────────────────────▶ load items (private,
      worker unlinks once mapped)                                    copy-on-write views)
                                                                     results = map(func)
@@ -28,7 +28,7 @@ executor or a cluster. Data flow for one ``pmap`` call (records from
      segments at once)
                                     Raised(seq, item, repr, traceback, exc, partial)
                                     Unsendable(seq, item, type, reason)
-                                    SetupFailed(call, stage, first_item, repr, traceback, exc)
+                                    SetupFailed(call_id, stage, first_item, repr, traceback, exc)
                                     Bye      idle too long: exits without reading more
                                     Ready    sent once at start-up, so a death before
                                              it is told apart from a crash

@@ -20,7 +20,7 @@ from .base import Backend, Worker, WorkerStart
 __all__ = ("ExecutorBackend",)
 
 # Executors known to run on this machine, so workers can open shared memory.
-_LOCAL = ("concurrent.futures.process", "loky")
+_LOCAL = ("concurrent.futures.process", "loky", "joblib.externals.loky")
 
 
 class ExecutorBackend(Backend):
