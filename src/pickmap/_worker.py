@@ -196,7 +196,7 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
     )
 
 
-_POOL_MODULES = ("numpy", "scipy", "torch", "sklearn")  # what loads BLAS/OpenMP pools
+POOL_MODULES = ("numpy", "scipy", "torch", "sklearn")  # what loads BLAS/OpenMP pools
 _inner_limit: Any = None  # threadpoolctl's limiter, while a limit is applied
 _inner_threads = 0
 
@@ -204,7 +204,7 @@ _inner_threads = 0
 def limit_inner_threads(threads: int) -> None:
     """Cap this worker process's BLAS/OpenMP pools (once the libraries are loaded); 0 restores them."""
     global _inner_limit, _inner_threads
-    if threads == _inner_threads or not any(m in sys.modules for m in _POOL_MODULES):
+    if threads == _inner_threads or not any(m in sys.modules for m in POOL_MODULES):
         return
     try:
         from threadpoolctl import threadpool_limits
@@ -218,6 +218,18 @@ def limit_inner_threads(threads: int) -> None:
             limits=threads
         )  # kept for the process's life, not a context
     _inner_threads = threads
+
+
+def adopt_inner_limit(limiter: Any, threads: int) -> None:
+    """A worker forked while the caller held its pools at ``threads`` (see ``_process``):
+    the pools are limited already, and ``limiter`` restores the caller's counts later.
+
+    Setting a limit here instead would make a forked OpenBLAS restart its
+    thread pool (it has none after ``fork``), and the new thread spins about
+    0.1 s of CPU waiting for work that never comes.
+    """
+    global _inner_limit, _inner_threads
+    _inner_limit, _inner_threads = limiter, threads
 
 
 class WorkerState:
@@ -483,15 +495,20 @@ def process_main(
     caller_pid: int,
     inherited: Sequence[Any],
     adopted: tuple[CallSpec, Callable[..., Any], Any] | None = None,
+    capped: tuple[Any, int] | None = None,
 ) -> None:
     """Entry point of a pickmap worker process (the ``target`` of ``Process``).
 
     ``adopted`` is set only for a worker forked during a call: that call's
     spec, callable and initializer, inherited with the process's memory, so
-    they are never serialized for this worker.
+    they are never serialized for this worker. ``capped`` (fork only): the
+    caller's threadpoolctl limiter and thread count its BLAS pools were held
+    at while it forked this worker (``adopt_inner_limit``).
     """
     global _IN_WORKER
     _IN_WORKER = True
+    if capped is not None:
+        adopt_inner_limit(*capped)
     # Ctrl-C goes to the whole process group; the caller decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _close_inherited(inherited)

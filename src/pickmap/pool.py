@@ -269,6 +269,7 @@ class WorkerPool:
         while True:
             try:
                 self._end_call(call_id, interrupted=interrupted or late is not None)
+                self.backend.call_ended()
                 break
             except KeyboardInterrupt as caught:
                 late = caught

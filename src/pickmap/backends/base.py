@@ -140,6 +140,10 @@ class Backend(abc.ABC):
         (a cluster's address and size), for ``explain`` and ``doctor``; ``None`` otherwise."""
         return None
 
+    def call_ended(self) -> None:
+        """A call on this backend ended (whatever its outcome): undo what starting its workers
+        changed in the caller for the duration of the call (process backends: the BLAS pool cap)."""
+
     def shutdown(self) -> None:
         """Release what the backend itself owns (``pickmap.shutdown()``); workers are the pools' business."""
 
