@@ -157,6 +157,26 @@ def test_short_chunks_and_unknown_lengths_are_always_queued_ahead():
     assert endless.wants_prefetch()
 
 
+def test_only_a_short_last_chunk_may_queue_behind_its_call_while_others_wait():
+    fast = Chunker(iter(range(8)), 8, workers=2, chunksize=None)
+    assert not fast.took_short_last(1)  # no timing yet
+    fast.next_chunk()
+    fast.observe(1, 1e-6)
+    taken = []
+    while (got := fast.next_chunk()) is not None:
+        taken.append(fast.took_short_last(len(got[1])))
+    assert taken[-1] and not any(taken[:-1])  # the last one only
+    slow = Chunker(iter(range(8)), 8, workers=2, chunksize=None)
+    slow.next_chunk()
+    slow.observe(1, 0.02)
+    while (got := slow.next_chunk()) is not None:
+        assert not slow.took_short_last(len(got[1]))  # 20 ms items: other calls go first
+    endless = Chunker(itertools.count(), None, workers=2, chunksize=None)
+    endless.next_chunk()
+    endless.observe(1, 1e-6)
+    assert not endless.took_short_last(1)
+
+
 def test_fast_items_never_get_chunks_below_a_message_worth_of_work():
     sizes = _drain_chunks(Chunker(iter(range(200_000)), 200_000, workers=2, chunksize=None), 1e-7)
     assert sizes[0] == 1

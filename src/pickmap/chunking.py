@@ -127,6 +127,19 @@ class Chunker:
             return True
         return self._length - self._next_start > GUIDED_SHARES * self._workers * size
 
+    def took_short_last(self, count: int) -> bool:
+        """Whether the chunk of ``count`` items just taken was the input's last and takes
+        less than :data:`PREFETCH_BELOW_SECONDS` (measured time per item).
+
+        Such a chunk may wait behind the call's own running chunk even while
+        other calls wait for a worker (``WorkerPool.pick``'s ``finishing``): it
+        delays them by less than that, where a turn of its own would cost the
+        call a round trip and them a hand-over.
+        """
+        if self._per_item is None or self._length is None:
+            return False
+        return self._next_start >= self._length and self._per_item * count < PREFETCH_BELOW_SECONDS
+
     def _next_size(self) -> int:
         size = self.size if self._fixed or self._length is None else self._guided_size()
         return size if self._largest is None else min(size, self._largest)

@@ -270,6 +270,7 @@ class _Run:
         ):
             # Asked before a new chunk is taken, so it judges that chunk.
             depth = None if self.chunker.wants_prefetch() and self.call.max_tasks is None else 1
+            finishing = False
             if self.requeued:
                 chunk = self.requeued.popleft()
                 if self.failed_seq is not None and chunk.seq > self.failed_seq:
@@ -281,16 +282,19 @@ class _Run:
                 if chunk is None:
                     self.source_done = True
                     return
-            slot = self._pick(chunk, depth)
+                finishing = not self.requeued and self.chunker.took_short_last(chunk.count)
+            slot = self._pick(chunk, depth, finishing=finishing)
             if slot is None:
                 self.requeued.appendleft(chunk)
                 return
             self._send(slot, chunk)
 
-    def _pick(self, chunk: Chunk, depth: int | None) -> Slot | None:
+    def _pick(self, chunk: Chunk, depth: int | None, *, finishing: bool = False) -> Slot | None:
         """A worker for ``chunk``; with ``max_tasks_per_worker``, one with that many items of life left."""
         while True:
-            slot = self.pool.pick(self.call.id, self.call.inheritance(), depth=depth)
+            slot = self.pool.pick(
+                self.call.id, self.call.inheritance(), depth=depth, finishing=finishing
+            )
             limit = self.call.max_tasks
             if slot is None or limit is None:
                 return slot

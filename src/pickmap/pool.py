@@ -105,13 +105,22 @@ class WorkerPool:
             return [s for s in self.slots if s.owner == call_id]
 
     def pick(
-        self, call_id: int, inheritance: Inheritance | None = None, depth: int | None = None
+        self,
+        call_id: int,
+        inheritance: Inheritance | None = None,
+        depth: int | None = None,
+        *,
+        finishing: bool = False,
     ) -> Slot | None:
         """A worker for the call's next chunk: one it holds that is idle, a free one, a new one,
-        or one it holds with room in its queue — the last only while no other call waits.
+        or one it holds with room in its queue — the last only while no other call waits,
+        or when ``finishing``.
 
         ``inheritance`` is handed to a worker started now (see ``Backend.start_worker``).
         ``depth`` caps the chunks a worker may hold (never above ``max_queued``).
+        ``finishing``: this chunk ends the call and what is left is a few milliseconds of
+        work, so it may queue behind the call's running chunk even while others wait (it
+        delays them by that much, and saves the call a round trip and a second turn).
         """
         depth = self.backend.max_queued if depth is None else min(depth, self.backend.max_queued)
         self._reap_unusable()
@@ -137,7 +146,7 @@ class WorkerPool:
                     return free
             others_wait = any(waiter != call_id for waiter in self._waiting)
             best = min(mine, key=lambda s: len(s.queued), default=None)
-            if best is not None and not others_wait and len(best.queued) < depth:
+            if best is not None and (finishing or not others_wait) and len(best.queued) < depth:
                 return best
             if not mine:
                 self._wait_turn(call_id)
