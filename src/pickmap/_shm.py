@@ -25,7 +25,12 @@ import os
 import sys
 import threading
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = ("Segment", "map_segment", "segment_dirs", "sweep_dead", "unlink", "write")
 

@@ -27,14 +27,15 @@ import os
 import pickle
 import struct
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
 
 from . import _shm
 from ._protocol import Message
 from .serializers import Pickled
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
 if TYPE_CHECKING:
-    from typing import ClassVar
+    from typing import Any, ClassVar
+
 
 __all__ = (
     "SHARE_MIN_BYTES",

@@ -47,13 +47,11 @@ from __future__ import annotations
 import collections
 import itertools
 import os
-import queue
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from . import _logs, _shm, _wire
 from ._protocol import (
@@ -72,6 +70,10 @@ from ._protocol import (
     Unsendable,
 )
 from .serializers import Serializer, get_serializer
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = (
     "WorkerState",
@@ -517,6 +519,8 @@ def process_main(
     state = WorkerState(view, share_results=True, own_process=True)
     fd = conn.fileno()
     os.set_blocking(fd, True)
+
+    import queue  # only a worker process needs it
 
     # A reader thread drains the pipe into a queue, so the caller's writes
     # always complete while this worker lives. If it fails (MemoryError on a

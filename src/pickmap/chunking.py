@@ -29,7 +29,10 @@ import math
 import types
 import weakref
 from collections.abc import Iterator
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 TARGET_SECONDS = 0.02
 MIN_CHUNK_SECONDS = 0.005

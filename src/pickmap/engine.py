@@ -28,7 +28,6 @@ import collections
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
 
 from . import _deaths, _logs, _replies, _shipping, _shm, _waiting, _wire, errors
 from ._protocol import (
@@ -51,6 +50,12 @@ from .backends.base import Backend, Inheritance
 from .chunking import Chunker
 from .pool import Slot, WorkerPool
 from .serializers import Serializer, copies_locks, get_serializer
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = ("Call", "Chunk", "execute")
 

@@ -29,9 +29,12 @@ import atexit
 import collections
 import os
 import threading
-from typing import Any
 
 from .backends.base import Backend, Inheritance, Worker, WorkerStart
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ("Slot", "WorkerPool", "acquire", "release", "shutdown")
 

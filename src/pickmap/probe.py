@@ -24,11 +24,16 @@ from __future__ import annotations
 import types
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
 from .backends.base import Backend
 from .registry import LADDER, available_backends, get_backend
 from .serializers import _MAIN_MODULES, Pickled, copies_locks, get_serializer, main_references
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = ("Plan", "Verdict", "capable_backends", "choose", "try_backend")
 

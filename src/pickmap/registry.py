@@ -16,10 +16,15 @@ import importlib.util
 import os
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
 
 from .backends.base import Backend
 from .errors import BackendUnavailableError, UnknownBackendError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = (
     "LADDER",

@@ -28,12 +28,15 @@ import time
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any, ClassVar
 
 from .. import _shm, _wire
 from .._protocol import Message, Stop
 from .._worker import POOL_MODULES, process_main
 from .base import Backend, Worker, WorkerStart
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 # The caller's ends of every live worker pipe. A worker started by fork
 # inherits them and must close them (see _worker._close_inherited).

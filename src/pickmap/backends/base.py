@@ -39,9 +39,14 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NamedTuple
 
 from .._protocol import CallSpec, Message
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, NamedTuple
+else:
+    from .._records import NamedTuple
 
 __all__ = ("Backend", "Inheritance", "Worker", "WorkerStart")
 
