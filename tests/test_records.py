@@ -1,4 +1,5 @@
-"""The run-time NamedTuple stand-in (_records.py) builds what typing.NamedTuple builds."""
+"""The run-time NamedTuple stand-in (_records.py) builds what typing.NamedTuple builds, and
+``import pickmap`` and a first call load only what they need (issue 8: import cost)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,18 @@ def test_importing_pickmap_does_not_import_typing():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_a_first_call_imports_neither_multiprocessing_connection_nor_tempfile():
+    code = (
+        "import sys, pickmap\n"
+        "from pickmap import _shm\n"
+        "assert pickmap.pmap(abs, [-1, -2], workers=2) == [1, 2]\n"
+        "print(sorted({'multiprocessing.connection', 'tempfile'} & set(sys.modules)))\n"
+        "guessed = _shm._temp_dir()  # where tempfile would put its files, without importing it\n"
+        "import tempfile\n"
+        "print(guessed == tempfile.gettempdir())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "True"]

@@ -12,7 +12,6 @@ the ``backend=`` argument, else ``PICKMAP_BACKEND``, else the capability probe.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import threading
 from collections.abc import Callable
@@ -108,6 +107,8 @@ def _missing_module(entry: _Entry) -> str | None:
     for module in entry.requires:
         if module in _FOUND:
             continue
+        import importlib.util  # ~1 ms (contextlib): only when an optional backend is looked for
+
         if importlib.util.find_spec(module) is None:
             return module
         _FOUND.add(module)

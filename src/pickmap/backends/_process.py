@@ -22,6 +22,7 @@ import importlib
 import math
 import os
 import select
+import socket
 import sys
 import threading
 import time
@@ -161,7 +162,11 @@ class ProcessWorker(Worker):
         context = importlib.import_module(package).get_context(start.start_method)
         if start.start_method == "forkserver":
             _preload_fork_server(package, context, start)
-        caller_end, worker_end = context.Pipe(duplex=True)
+        # A plain socketpair, what Pipe(duplex=True) wraps: pickmap reads and writes the raw
+        # descriptors, and multiprocessing.connection would cost a first call ~7 ms of imports
+        # (tempfile, shutil, bz2, lzma, random). It pickles for spawn/forkserver children as
+        # sockets do (multiprocessing.reduction).
+        caller_end, worker_end = socket.socketpair()
         # Two doubles of shared memory: [item index, start time] while a timed call runs.
         self._progress_path, self._progress_map = _shm.progress_segment("p")
         progress = memoryview(self._progress_map).cast("d")
@@ -277,7 +282,7 @@ class ProcessWorker(Worker):
             return
         self.announce_stop()
         if (
-            self.outbox.pending or self.conn.closed
+            self.outbox.pending or self.conn.fileno() == -1
         ):  # a Stop that cannot be written now: nothing to wait for
             self.kill()
             return
