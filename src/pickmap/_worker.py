@@ -51,6 +51,8 @@ import signal
 import sys
 import threading
 import time
+from _queue import Empty as QueueEmpty  # queue.SimpleQueue's own module: queue.py costs ~3 ms
+from _queue import SimpleQueue
 from collections.abc import Callable, Sequence
 
 from . import _logs, _shm, _wire
@@ -520,12 +522,10 @@ def process_main(
     fd = conn.fileno()
     os.set_blocking(fd, True)
 
-    import queue  # only a worker process needs it
-
     # A reader thread drains the pipe into a queue, so the caller's writes
     # always complete while this worker lives. If it fails (MemoryError on a
     # huge frame), the worker exits: the caller sees a death, never a hang.
-    inbox: queue.SimpleQueue[list[Message] | None] = queue.SimpleQueue()
+    inbox: SimpleQueue[list[Message] | None] = SimpleQueue()
 
     def read_forever() -> None:
         try:
@@ -539,7 +539,7 @@ def process_main(
     def recv() -> list[Message]:
         try:
             batch = inbox.get(timeout=idle_timeout)
-        except queue.Empty:
+        except QueueEmpty:
             # Idle too long: say so and leave. The caller re-queues anything it
             # sent after our last reply: we never run it.
             _wire.write_frame(fd, [Bye()])
