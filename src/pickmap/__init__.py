@@ -28,7 +28,6 @@ in reading order:
 from __future__ import annotations
 
 from ._worker import run_job
-from .api import explain, imap, pmap
 from .errors import (
     BackendUnavailableError,
     PickmapError,
@@ -38,24 +37,46 @@ from .errors import (
     UnknownBackendError,
     WorkerError,
 )
-from .pool import shutdown
-from .probe import Plan, Verdict
-from .registry import available_backends, register_backend
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from .api import explain, imap, pmap
+    from .errors import WorkerCrashedError
+    from .executor import Executor
+    from .pool import shutdown
+    from .probe import Plan, Verdict
+    from .registry import available_backends, register_backend
 
 __version__ = "0.1.0"
 
+# The caller's side is imported on first use. ``from pickmap import pmap`` costs
+# the same as before, but a worker that a fork server or spawn starts imports
+# ``pickmap._worker`` (this package first) and needs none of the caller's
+# modules: api, engine, probe, pool, registry (~10 ms of a fork server's start).
+_LAZY = {
+    "pmap": "api",
+    "imap": "api",
+    "explain": "api",
+    "shutdown": "pool",
+    "Plan": "probe",
+    "Verdict": "probe",
+    "available_backends": "registry",
+    "register_backend": "registry",
+    "Executor": "executor",  # needs concurrent.futures, which a plain pmap does not
+    "WorkerCrashedError": "errors",  # made on first use, see errors.py
+}
+
 
 def __getattr__(name: str) -> object:
-    # Imported on first use: it needs concurrent.futures, which a plain pmap does not.
-    if name == "Executor":
-        from .executor import Executor
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pickmap' has no attribute {name!r}")
+    from importlib import import_module
 
-        return Executor
-    if name == "WorkerCrashedError":  # made on first use, see errors.py
-        from . import errors
-
-        return errors.WorkerCrashedError
-    raise AttributeError(f"module 'pickmap' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    if name != "WorkerCrashedError":  # errors.py keeps making that one itself
+        globals()[name] = value
+    return value
 
 
 __all__ = (
