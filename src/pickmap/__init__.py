@@ -15,6 +15,7 @@ in reading order:
 - ``chunking``    how input is cut into chunks
 - ``pool``        warm worker pools, shutdown()
 - ``_protocol``   the messages: named records
+- ``_records``    .. their NamedTuple base, without importing typing at run time
 - ``_wire``       how they cross: pipe frames, out-of-band buffers, blobs
 - ``_shm``        shared-memory segments; ``_shipping``: ship once across calls
 - ``_worker``     the worker side (the data-flow diagram), ``run_job``
