@@ -90,8 +90,13 @@ class Chunker:
         else:
             self.size = 1
 
-    def next_chunk(self) -> tuple[int, list[Any]] | None:
+    def next_chunk(self, *, alone: bool = False) -> tuple[int, list[Any]] | None:
         """``(index of the first item, items)``, or ``None`` when the input is exhausted.
+
+        ``alone``: no other worker will take a share of this call now (other
+        calls wait for the pool's workers); if what is left of a known-length
+        input is less than :data:`PREFETCH_BELOW_SECONDS` of work, it all goes
+        in this chunk rather than in one chunk per worker queued on one worker.
 
         An exception raised by the input ends it: the items read before it
         still form a chunk, the exception is kept in :attr:`input_error`
@@ -102,9 +107,10 @@ class Chunker:
         if self.input_error is not None:
             return None
         items: list[Any] = []
+        size = self._rest_if_short() if alone else None
         try:
             items.extend(
-                itertools.islice(self._items, self._next_size())
+                itertools.islice(self._items, size or self._next_size())
             )  # extend keeps what came before
         except Exception as exc:
             self.input_error = exc
@@ -129,6 +135,14 @@ class Chunker:
         if self._per_item * size < PREFETCH_BELOW_SECONDS:
             return True
         return self._length - self._next_start > GUIDED_SHARES * self._workers * size
+
+    def _rest_if_short(self) -> int | None:
+        if self._fixed or self._per_item is None or self._length is None:
+            return None
+        left = self._length - self._next_start
+        if left <= 0 or self._per_item * left >= PREFETCH_BELOW_SECONDS:
+            return None
+        return left if self._largest is None else min(left, self._largest)
 
     def took_short_last(self, count: int) -> bool:
         """Whether the chunk of ``count`` items just taken was the input's last and takes

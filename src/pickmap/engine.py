@@ -309,7 +309,7 @@ class _Run:
             self.pool.hand_back(slot)
 
     def _next_chunk(self) -> Chunk | None:
-        got = self.chunker.next_chunk()
+        got = self.chunker.next_chunk(alone=self.pool.others_wait(self.call.id))
         if got is None:
             return None
         start, items = got
