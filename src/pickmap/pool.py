@@ -157,7 +157,8 @@ class WorkerPool:
 
     def others_wait(self, call_id: int) -> bool:
         """Whether another call waits for a worker now (this one will get no second worker)."""
-        return any(waiter != call_id for waiter in self._waiting)
+        with self.lock:
+            return any(waiter != call_id for waiter in self._waiting)
 
     def _held_only_by_paused(self, call_id: int) -> bool:
         """Every worker is held by calls paused at a yield (two ``imap`` zipped, an
