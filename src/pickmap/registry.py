@@ -120,6 +120,12 @@ def available_backends() -> tuple[str, ...]:
     return tuple(name for name, entry in _REGISTRY.items() if _missing_module(entry) is None)
 
 
+def is_available(name: str) -> bool:
+    """Whether one registered backend's packages are installed (``available_backends`` for one)."""
+    entry = _REGISTRY.get(_canonical(name))
+    return entry is not None and _missing_module(entry) is None
+
+
 def register_backend(
     name: str, factory: BackendFactory, *, clobber: bool = False, install_hint: str = ""
 ) -> None:
