@@ -97,6 +97,7 @@ class WorkerPool:
         self._paused: set[int] = (
             set()
         )  # calls whose consumer holds them at a yield (an imap not iterated now)
+        self._spare_pipes: list[tuple[int, int]] = []  # wake-up pipes no call waits on now
 
     @property
     def key(self) -> tuple[str, str | None, int]:
@@ -223,16 +224,31 @@ class WorkerPool:
 
     def _wait_turn(self, call_id: int) -> None:
         if call_id not in self._waiting:
-            read, write = os.pipe()
-            os.set_blocking(read, False)
-            os.set_blocking(write, False)
-            self._waiting[call_id] = (read, write)
+            if self._spare_pipes:
+                pipe = self._spare_pipes.pop()
+            else:
+                pipe = os.pipe()
+                os.set_blocking(pipe[0], False)
+                os.set_blocking(pipe[1], False)
+            self._waiting[call_id] = pipe
 
     def _stop_waiting(self, call_id: int) -> None:
         pipe = self._waiting.pop(call_id, None)
-        if pipe is not None:
-            for fd in pipe:
-                os.close(fd)
+        if pipe is None:
+            return
+        # Kept for the next call that waits, emptied first (a wake-up it did not read is
+        # not for the next one): one read instead of making and closing a pipe each
+        # time — with many callers, every system call is a chance to lose the GIL.
+        try:
+            while os.read(pipe[0], 1 << 12):
+                pass
+        except BlockingIOError:
+            self._spare_pipes.append(pipe)
+            return
+        except OSError:
+            pass
+        for fd in pipe:
+            os.close(fd)
 
     def turn_fd(self, call_id: int) -> int | None:
         """For a call that holds no worker: readable once one may be free for it."""
@@ -310,6 +326,10 @@ class WorkerPool:
         """Stop every worker: all are told at once, then each gets what is left of the grace."""
         with self.lock:
             slots = list(self.slots)
+            spare, self._spare_pipes = self._spare_pipes, []
+        for pipe in spare:
+            for fd in pipe:
+                os.close(fd)
         if not kill:
             for slot in slots:
                 slot.worker.announce_stop()
