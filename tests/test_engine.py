@@ -157,6 +157,44 @@ def test_short_chunks_and_unknown_lengths_are_always_queued_ahead():
     assert endless.wants_prefetch()
 
 
+def test_only_a_short_last_chunk_may_queue_behind_its_call_while_others_wait():
+    fast = Chunker(iter(range(8)), 8, workers=2, chunksize=None)
+    assert not fast.took_short_last(1)  # no timing yet
+    fast.next_chunk()
+    fast.observe(1, 1e-6)
+    taken = []
+    while (got := fast.next_chunk()) is not None:
+        taken.append(fast.took_short_last(len(got[1])))
+    assert taken[-1] and not any(taken[:-1])  # the last one only
+    slow = Chunker(iter(range(8)), 8, workers=2, chunksize=None)
+    slow.next_chunk()
+    slow.observe(1, 0.02)
+    while (got := slow.next_chunk()) is not None:
+        assert not slow.took_short_last(len(got[1]))  # 20 ms items: other calls go first
+    endless = Chunker(itertools.count(), None, workers=2, chunksize=None)
+    endless.next_chunk()
+    endless.observe(1, 1e-6)
+    assert not endless.took_short_last(1)
+
+
+def test_a_call_that_gets_no_second_worker_sends_a_short_rest_as_one_chunk():
+    fast = Chunker(iter(range(100)), 100, workers=2, chunksize=None)
+    fast.next_chunk()
+    fast.observe(1, 1e-6)
+    got = fast.next_chunk(alone=True)
+    assert got is not None and got[0] == 1 and len(got[1]) == 99  # the rest, not a worker's share
+    assert fast.next_chunk(alone=True) is None
+    slow = Chunker(iter(range(100)), 100, workers=2, chunksize=None)
+    slow.next_chunk()
+    slow.observe(1, 0.001)  # 99 ms left: too much to hold a worker while others wait
+    got = slow.next_chunk(alone=True)
+    assert got is not None and len(got[1]) < 99
+    fixed = Chunker(iter(range(100)), 100, workers=2, chunksize=7)
+    fixed.observe(1, 1e-6)
+    got = fixed.next_chunk(alone=True)
+    assert got is not None and len(got[1]) == 7  # chunksize= is the caller's
+
+
 def test_fast_items_never_get_chunks_below_a_message_worth_of_work():
     sizes = _drain_chunks(Chunker(iter(range(200_000)), 200_000, workers=2, chunksize=None), 1e-7)
     assert sizes[0] == 1

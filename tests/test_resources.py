@@ -497,3 +497,24 @@ def test_a_caller_killed_by_sigterm_leaves_nothing_once_the_next_pickmap_process
     finally:
         faults.kill_leftovers(proc, workers)
         proc.communicate(timeout=10)
+
+
+def test_a_payload_goes_through_shared_memory_when_its_large_buffers_add_up():
+    from pickmap import _shm, _wire
+    from pickmap.serializers import Pickled
+
+    def payload(*sizes: int) -> Pickled:
+        return Pickled(b"", tuple(memoryview(bytearray(size)) for size in sizes))
+
+    kib = 1024
+    assert _wire.has_large(payload(4096 * kib))  # one 4 MB array
+    assert _wire.has_large(payload(250_000, 250_000))  # a DataFrame chunk's two blocks
+    assert not _wire.has_large(payload(200 * kib))  # one mid-size buffer: the pipe is cheaper
+    assert not _wire.has_large(payload(*[32 * kib] * 20))  # small buffers never count
+    shared = _wire.share(payload(250_000, 250_000, 1000), transient=True, writer="c")
+    try:
+        kinds = [type(b).__name__ for b in shared.buffers]
+        assert kinds == ["Segment", "Segment", "memoryview"]  # one segment, the small one stays
+        assert len(set(_wire.segment_paths(shared))) == 1
+    finally:
+        _shm.unlink(_wire.segment_paths(shared))

@@ -194,6 +194,37 @@ def test_importing_numpy_keeps_the_fork_default_and_workers_limit_their_blas_poo
     assert untouched == str([[cpus]])
 
 
+def test_a_worker_forked_with_numpy_loaded_starts_no_blas_thread_and_the_caller_keeps_its_pool(
+    clean_env,
+):
+    # The worker inherits the limit (the caller holds its pool capped while it forks): had
+    # the worker set it itself, OpenBLAS would restart its pool with a spinning thread.
+    code = (
+        "import os, numpy, pickmap, threadpoolctl\n"
+        "def threads(_):\n"
+        "    return len(os.listdir('/proc/self/task'))\n"
+        "if __name__ == '__main__':\n"
+        "    print(pickmap.explain(abs, [1]).start_method)\n"
+        "    print(pickmap.pmap(threads, [0, 1], workers=2, chunksize=1))\n"
+        "    print([p['num_threads'] for p in threadpoolctl.threadpool_info()])\n"
+    )
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS", "OMP_"))
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    method, in_workers, caller_pools = done.stdout.strip().splitlines()
+    cpus = len(os.sched_getaffinity(0))
+    assert method == "fork"
+    assert in_workers == "[2, 2]"  # the worker's main thread and its pipe reader
+    assert caller_pools == str([cpus])
+
+
 def test_inner_threads_must_be_a_whole_number(clean_env):
     with pytest.raises(ValueError, match="inner_threads"):
         pmap(zoo.square, [1], inner_threads=-1)

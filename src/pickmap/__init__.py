@@ -15,6 +15,7 @@ in reading order:
 - ``chunking``    how input is cut into chunks
 - ``pool``        warm worker pools, shutdown()
 - ``_protocol``   the messages: named records
+- ``_records``    .. their NamedTuple base, without importing typing at run time
 - ``_wire``       how they cross: pipe frames, out-of-band buffers, blobs
 - ``_shm``        shared-memory segments; ``_shipping``: ship once across calls
 - ``_worker``     the worker side (the data-flow diagram), ``run_job``
@@ -27,10 +28,7 @@ in reading order:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ._worker import run_job
-from .api import explain, imap, pmap
 from .errors import (
     BackendUnavailableError,
     PickmapError,
@@ -40,28 +38,46 @@ from .errors import (
     UnknownBackendError,
     WorkerError,
 )
-from .pool import shutdown
-from .probe import Plan, Verdict
-from .registry import available_backends, register_backend
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from .api import explain, imap, pmap
+    from .errors import WorkerCrashedError
+    from .executor import Executor
+    from .pool import shutdown
+    from .probe import Plan, Verdict
+    from .registry import available_backends, register_backend
 
 __version__ = "0.1.0"
 
-if TYPE_CHECKING:  # the two names made on first use (below), as a type checker sees them
-    from .errors import WorkerCrashedError
-    from .executor import Executor
+# The caller's side is imported on first use. ``from pickmap import pmap`` costs
+# the same as before, but a worker that a fork server or spawn starts imports
+# ``pickmap._worker`` (this package first) and needs none of the caller's
+# modules: api, engine, probe, pool, registry (~10 ms of a fork server's start).
+_LAZY = {
+    "pmap": "api",
+    "imap": "api",
+    "explain": "api",
+    "shutdown": "pool",
+    "Plan": "probe",
+    "Verdict": "probe",
+    "available_backends": "registry",
+    "register_backend": "registry",
+    "Executor": "executor",  # needs concurrent.futures, which a plain pmap does not
+    "WorkerCrashedError": "errors",  # made on first use, see errors.py
+}
 
 
 def __getattr__(name: str) -> object:
-    # Imported on first use: it needs concurrent.futures, which a plain pmap does not.
-    if name == "Executor":
-        from .executor import Executor
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pickmap' has no attribute {name!r}")
+    from importlib import import_module
 
-        return Executor
-    if name == "WorkerCrashedError":  # made on first use, see errors.py
-        from . import errors
-
-        return errors.WorkerCrashedError
-    raise AttributeError(f"module 'pickmap' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    if name != "WorkerCrashedError":  # errors.py keeps making that one itself
+        globals()[name] = value
+    return value
 
 
 __all__ = (

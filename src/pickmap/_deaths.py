@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import TYPE_CHECKING, Any
 
 from . import errors
 from ._replies import describe_indices
 from .errors import TaskTimeoutError
 from .pool import Slot, WorkerPool
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .engine import Call
+
 
 __all__ = ("Attempts", "check_timeouts", "item_started", "on_death")
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import collections
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ("Forwarder", "caller_levels", "debug", "deliver", "install_forwarder", "warning")
 

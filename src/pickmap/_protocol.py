@@ -20,7 +20,12 @@ memory, an executor's own pickling) is the transport's business
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = (
     "CALLER_TOKEN",

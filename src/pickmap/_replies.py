@@ -7,15 +7,17 @@ about a failing item, callable or result is written in this module.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from . import _wire, errors
 from ._protocol import Lost, Raised, SetupFailed, Unsendable
 from .errors import RemoteTraceback, SerializationError, WorkerError
 from .serializers import copies_locks
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .engine import Call, Chunk
+
 
 __all__ = (
     "describe_indices",

@@ -20,6 +20,8 @@ Inner threads: each worker limits the BLAS/OpenMP pools it has loaded to
 ``workers`` processes each running a matrix product do not oversubscribe the
 machine. ``inner_threads=N`` or ``PICKMAP_INNER_THREADS=N`` sets N; ``0`` (or
 ``off``) leaves the pools alone.
+A forked worker inherits the limit: the caller holds its own pools at it while
+the call forks workers (``backends/_process._cap_pools_for_fork``).
 """
 
 from __future__ import annotations

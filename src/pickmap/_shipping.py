@@ -22,10 +22,15 @@ import os
 import sys
 import types
 import weakref
-from typing import Any, NamedTuple
 
 from . import _logs, _shm, _wire
 from .serializers import Pickled
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = ("ship",)
 

@@ -25,7 +25,12 @@ import os
 import sys
 import threading
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = ("Segment", "map_segment", "segment_dirs", "sweep_dead", "unlink", "write")
 
@@ -52,17 +57,25 @@ def segment_dirs() -> list[str]:
     """Candidate directories, best first: tmpfs, then the temp directory."""
     global _dirs
     if _dirs is None:
-        import tempfile  # only when shared memory is first needed
-
-        found = [
-            d
-            for d in ("/dev/shm", tempfile.gettempdir())
-            if os.path.isdir(d) and os.access(d, os.W_OK)
-        ]
+        found = [d for d in ("/dev/shm", _temp_dir()) if os.path.isdir(d) and os.access(d, os.W_OK)]
         _dirs = list(dict.fromkeys(found))
         if os.path.isdir("/dev/shm") and "/dev/shm" not in _dirs:
             _warn_once(PermissionError("/dev/shm is not writable"))
     return _dirs
+
+
+def _temp_dir() -> str:
+    """``tempfile.gettempdir()``, without importing tempfile (~5 ms: shutil, bz2, lzma, random)
+    in a first call that has not: the first writable of the places it looks at, in its order."""
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:
+        return str(tempfile.gettempdir())  # it may have been told (tempfile.tempdir)
+    candidates = [os.environ.get(name) for name in ("TMPDIR", "TEMP", "TMP")]
+    candidates += ["/tmp", "/var/tmp", "/usr/tmp", os.getcwd()]
+    for directory in candidates:
+        if directory and os.path.isdir(directory) and os.access(directory, os.W_OK):
+            return os.path.abspath(directory)
+    return os.getcwd()
 
 
 def _warn_once(error: OSError) -> None:

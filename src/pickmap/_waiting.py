@@ -9,9 +9,12 @@ from __future__ import annotations
 import math
 import select
 import time
-from typing import Any
 
 from .pool import Slot
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ("Wakeup", "next_deadline", "wait_for")
 

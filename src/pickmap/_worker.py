@@ -48,14 +48,14 @@ import collections
 import functools
 import itertools
 import os
-import queue
 import signal
 import sys
 import threading
 import time
 import types
+from _queue import Empty as QueueEmpty  # queue.SimpleQueue's own module: queue.py costs ~3 ms
+from _queue import SimpleQueue
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from . import _logs, _shm, _wire
 from ._protocol import (
@@ -74,6 +74,10 @@ from ._protocol import (
     Unsendable,
 )
 from .serializers import Serializer, get_serializer
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = (
     "WorkerState",
@@ -241,7 +245,7 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
     )
 
 
-_POOL_MODULES = ("numpy", "scipy", "torch", "sklearn")  # what loads BLAS/OpenMP pools
+POOL_MODULES = ("numpy", "scipy", "torch", "sklearn")  # what loads BLAS/OpenMP pools
 _inner_limit: Any = None  # threadpoolctl's limiter, while a limit is applied
 _inner_threads = 0
 
@@ -249,7 +253,7 @@ _inner_threads = 0
 def limit_inner_threads(threads: int) -> None:
     """Cap this worker process's BLAS/OpenMP pools (once the libraries are loaded); 0 restores them."""
     global _inner_limit, _inner_threads
-    if threads == _inner_threads or not any(m in sys.modules for m in _POOL_MODULES):
+    if threads == _inner_threads or not any(m in sys.modules for m in POOL_MODULES):
         return
     try:
         from threadpoolctl import threadpool_limits
@@ -262,6 +266,18 @@ def limit_inner_threads(threads: int) -> None:
         # kept for the process's life, not a context
         _inner_limit = threadpool_limits(limits=threads)
     _inner_threads = threads
+
+
+def adopt_inner_limit(limiter: Any, threads: int) -> None:
+    """A worker forked while the caller held its pools at ``threads`` (see ``_process``):
+    the pools are limited already, and ``limiter`` restores the caller's counts later.
+
+    Setting a limit here instead would make a forked OpenBLAS restart its
+    thread pool (it has none after ``fork``), and the new thread spins about
+    0.1 s of CPU waiting for work that never comes.
+    """
+    global _inner_limit, _inner_threads
+    _inner_limit, _inner_threads = limiter, threads
 
 
 class WorkerState:
@@ -526,15 +542,20 @@ def process_main(
     caller_pid: int,
     inherited: Sequence[Any],
     adopted: tuple[CallSpec, Callable[..., Any], Any] | None = None,
+    capped: tuple[Any, int] | None = None,
 ) -> None:
     """Entry point of a pickmap worker process (the ``target`` of ``Process``).
 
     ``adopted`` is set only for a worker forked during a call: that call's
     spec, callable and initializer, inherited with the process's memory, so
-    they are never serialized for this worker.
+    they are never serialized for this worker. ``capped`` (fork only): the
+    caller's threadpoolctl limiter and thread count its BLAS pools were held
+    at while it forked this worker (``adopt_inner_limit``).
     """
     global _IN_WORKER
     _IN_WORKER = True
+    if capped is not None:
+        adopt_inner_limit(*capped)
     # Ctrl-C goes to the whole process group; the caller decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _close_inherited(inherited)
@@ -547,7 +568,7 @@ def process_main(
     # A reader thread drains the pipe into a queue, so the caller's writes
     # always complete while this worker lives. If it fails (MemoryError on a
     # huge frame), the worker exits: the caller sees a death, never a hang.
-    inbox: queue.SimpleQueue[list[Message] | None] = queue.SimpleQueue()
+    inbox: SimpleQueue[list[Message] | None] = SimpleQueue()
 
     def read_forever() -> None:
         try:
@@ -561,7 +582,7 @@ def process_main(
     def recv() -> list[Message]:
         try:
             batch = inbox.get(timeout=idle_timeout)
-        except queue.Empty:
+        except QueueEmpty:
             # Idle too long: say so and leave. The caller re-queues anything it
             # sent after our last reply: we never run it.
             _wire.write_frame(fd, [Bye()])

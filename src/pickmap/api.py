@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _logs
 from . import pool as pools
@@ -33,6 +32,12 @@ from .engine import Call, execute
 from .errors import SerializationError
 from .probe import Plan, Verdict, all_verdicts, choose, try_backend
 from .registry import LADDER, get_backend, select_backend
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = ("explain", "imap", "pmap")
 

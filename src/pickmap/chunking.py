@@ -29,7 +29,10 @@ import math
 import types
 import weakref
 from collections.abc import Iterator
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 TARGET_SECONDS = 0.02
 MIN_CHUNK_SECONDS = 0.005
@@ -87,8 +90,13 @@ class Chunker:
         else:
             self.size = 1
 
-    def next_chunk(self) -> tuple[int, list[Any]] | None:
+    def next_chunk(self, *, alone: bool = False) -> tuple[int, list[Any]] | None:
         """``(index of the first item, items)``, or ``None`` when the input is exhausted.
+
+        ``alone``: no other worker will take a share of this call now (other
+        calls wait for the pool's workers); if what is left of a known-length
+        input is less than :data:`PREFETCH_BELOW_SECONDS` of work, it all goes
+        in this chunk rather than in one chunk per worker queued on one worker.
 
         An exception raised by the input ends it: the items read before it
         still form a chunk, the exception is kept in :attr:`input_error`
@@ -99,9 +107,10 @@ class Chunker:
         if self.input_error is not None:
             return None
         items: list[Any] = []
+        size = self._rest_if_short() if alone else None
         try:
             # extend keeps what came before
-            items.extend(itertools.islice(self._items, self._next_size()))
+            items.extend(itertools.islice(self._items, size or self._next_size()))
         except Exception as exc:
             self.input_error = exc
         if not items:
@@ -125,6 +134,27 @@ class Chunker:
         if self._per_item * size < PREFETCH_BELOW_SECONDS:
             return True
         return self._length - self._next_start > GUIDED_SHARES * self._workers * size
+
+    def _rest_if_short(self) -> int | None:
+        if self._fixed or self._per_item is None or self._length is None:
+            return None
+        left = self._length - self._next_start
+        if left <= 0 or self._per_item * left >= PREFETCH_BELOW_SECONDS:
+            return None
+        return left if self._largest is None else min(left, self._largest)
+
+    def took_short_last(self, count: int) -> bool:
+        """Whether the chunk of ``count`` items just taken was the input's last and takes
+        less than :data:`PREFETCH_BELOW_SECONDS` (measured time per item).
+
+        Such a chunk may wait behind the call's own running chunk even while
+        other calls wait for a worker (``WorkerPool.pick``'s ``finishing``): it
+        delays them by less than that, where a turn of its own would cost the
+        call a round trip and them a hand-over.
+        """
+        if self._per_item is None or self._length is None:
+            return False
+        return self._next_start >= self._length and self._per_item * count < PREFETCH_BELOW_SECONDS
 
     def _next_size(self) -> int:
         size = self.size if self._fixed or self._length is None else self._guided_size()

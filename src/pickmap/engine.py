@@ -28,7 +28,6 @@ import collections
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
 
 from . import _deaths, _logs, _replies, _shipping, _shm, _waiting, _wire, errors
 from ._protocol import (
@@ -51,6 +50,12 @@ from .backends.base import Backend, Inheritance
 from .chunking import Chunker
 from .pool import Slot, WorkerPool
 from .serializers import Serializer, copies_locks, get_serializer
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = ("Call", "Chunk", "execute")
 
@@ -270,6 +275,7 @@ class _Run:
             # Asked before a new chunk is taken, so it judges that chunk.
             depth = None if self.chunker.wants_prefetch() and self.call.max_tasks is None else 1
             chunk: Chunk | None
+            finishing = False
             if self.requeued:
                 chunk = self.requeued.popleft()
                 if self.failed_seq is not None and chunk.seq > self.failed_seq:
@@ -281,16 +287,19 @@ class _Run:
                 if chunk is None:
                     self.source_done = True
                     return
-            slot = self._pick(chunk, depth)
+                finishing = not self.requeued and self.chunker.took_short_last(chunk.size)
+            slot = self._pick(chunk, depth, finishing=finishing)
             if slot is None:
                 self.requeued.appendleft(chunk)
                 return
             self._send(slot, chunk)
 
-    def _pick(self, chunk: Chunk, depth: int | None) -> Slot | None:
+    def _pick(self, chunk: Chunk, depth: int | None, *, finishing: bool = False) -> Slot | None:
         """A worker for ``chunk``; with ``max_tasks_per_worker``, one with that many items of life left."""
         while True:
-            slot = self.pool.pick(self.call.id, self.call.inheritance(), depth=depth)
+            slot = self.pool.pick(
+                self.call.id, self.call.inheritance(), depth=depth, finishing=finishing
+            )
             limit = self.call.max_tasks
             if slot is None or limit is None:
                 return slot
@@ -300,7 +309,7 @@ class _Run:
             self.pool.hand_back(slot)
 
     def _next_chunk(self) -> Chunk | None:
-        got = self.chunker.next_chunk()
+        got = self.chunker.next_chunk(alone=self.pool.others_wait(self.call.id))
         if got is None:
             return None
         start, items = got

@@ -29,9 +29,12 @@ import atexit
 import collections
 import os
 import threading
-from typing import Any
 
 from .backends.base import Backend, Inheritance, Worker, WorkerStart
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ("Slot", "WorkerPool", "acquire", "release", "shutdown")
 
@@ -92,6 +95,7 @@ class WorkerPool:
         self._waiting: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
         # calls whose consumer holds them at a yield (an imap not iterated now)
         self._paused: set[int] = set()
+        self._spare_pipes: list[tuple[int, int]] = []  # wake-up pipes no call waits on now
 
     @property
     def key(self) -> tuple[str, str | None, int]:
@@ -103,13 +107,22 @@ class WorkerPool:
             return [s for s in self.slots if s.owner == call_id]
 
     def pick(
-        self, call_id: int, inheritance: Inheritance | None = None, depth: int | None = None
+        self,
+        call_id: int,
+        inheritance: Inheritance | None = None,
+        depth: int | None = None,
+        *,
+        finishing: bool = False,
     ) -> Slot | None:
         """A worker for the call's next chunk: one it holds that is idle, a free one, a new one,
-        or one it holds with room in its queue — the last only while no other call waits.
+        or one it holds with room in its queue — the last only while no other call waits,
+        or when ``finishing``.
 
         ``inheritance`` is handed to a worker started now (see ``Backend.start_worker``).
         ``depth`` caps the chunks a worker may hold (never above ``max_queued``).
+        ``finishing``: this chunk ends the call and what is left is a few milliseconds of
+        work, so it may queue behind the call's running chunk even while others wait (it
+        delays them by that much, and saves the call a round trip and a second turn).
         """
         depth = self.backend.max_queued if depth is None else min(depth, self.backend.max_queued)
         self._reap_unusable()
@@ -135,11 +148,16 @@ class WorkerPool:
                     return free
             others_wait = any(waiter != call_id for waiter in self._waiting)
             best = min(mine, key=lambda s: len(s.queued), default=None)
-            if best is not None and not others_wait and len(best.queued) < depth:
+            if best is not None and (finishing or not others_wait) and len(best.queued) < depth:
                 return best
             if not mine:
                 self._wait_turn(call_id)
             return None
+
+    def others_wait(self, call_id: int) -> bool:
+        """Whether another call waits for a worker now (this one will get no second worker)."""
+        with self.lock:
+            return any(waiter != call_id for waiter in self._waiting)
 
     def _held_only_by_paused(self, call_id: int) -> bool:
         """Every worker is held by calls paused at a yield (two ``imap`` zipped, an
@@ -204,16 +222,31 @@ class WorkerPool:
 
     def _wait_turn(self, call_id: int) -> None:
         if call_id not in self._waiting:
-            read, write = os.pipe()
-            os.set_blocking(read, False)
-            os.set_blocking(write, False)
-            self._waiting[call_id] = (read, write)
+            if self._spare_pipes:
+                pipe = self._spare_pipes.pop()
+            else:
+                pipe = os.pipe()
+                os.set_blocking(pipe[0], False)
+                os.set_blocking(pipe[1], False)
+            self._waiting[call_id] = pipe
 
     def _stop_waiting(self, call_id: int) -> None:
         pipe = self._waiting.pop(call_id, None)
-        if pipe is not None:
-            for fd in pipe:
-                os.close(fd)
+        if pipe is None:
+            return
+        # Kept for the next call that waits, emptied first (a wake-up it did not read is
+        # not for the next one): one read instead of making and closing a pipe each
+        # time — with many callers, every system call is a chance to lose the GIL.
+        try:
+            while os.read(pipe[0], 1 << 12):
+                pass
+        except BlockingIOError:
+            self._spare_pipes.append(pipe)
+            return
+        except OSError:
+            pass
+        for fd in pipe:
+            os.close(fd)
 
     def turn_fd(self, call_id: int) -> int | None:
         """For a call that holds no worker: readable once one may be free for it."""
@@ -267,6 +300,7 @@ class WorkerPool:
         while True:
             try:
                 self._end_call(call_id, interrupted=interrupted or late is not None)
+                self.backend.call_ended()
                 break
             except KeyboardInterrupt as caught:
                 late = caught
@@ -290,6 +324,10 @@ class WorkerPool:
         """Stop every worker: all are told at once, then each gets what is left of the grace."""
         with self.lock:
             slots = list(self.slots)
+            spare, self._spare_pipes = self._spare_pipes, []
+        for pipe in spare:
+            for fd in pipe:
+                os.close(fd)
         if not kill:
             for slot in slots:
                 slot.worker.announce_stop()

@@ -24,11 +24,16 @@ from __future__ import annotations
 import types
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
 from .backends.base import Backend
-from .registry import LADDER, available_backends, get_backend
+from .registry import LADDER, available_backends, get_backend, is_available
 from .serializers import _MAIN_MODULES, Pickled, copies_locks, get_serializer, main_references
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = ("Plan", "Verdict", "capable_backends", "choose", "try_backend")
 
@@ -228,7 +233,6 @@ def choose(
     Calls with an initializer are neither looked up nor remembered: the
     verdict then depends on the initializer too.
     """
-    installed = available_backends()
     if free_threaded():
         # Threads run Python code in parallel here, and nothing has to be serialized.
         return "thread", func, setup, (Verdict("thread", True, FREE_THREADED_REASON),)
@@ -241,7 +245,9 @@ def choose(
             return cached, payload, init_payload, (verdict,)
     verdicts = []
     for name in LADDER:
-        if name not in installed:
+        # Asked rung by rung: the first rung (stdlib) needs no package, so a call it
+        # carries looks for none (importlib.util and a sys.path scan per package).
+        if not is_available(name):
             continue
         verdict, payload, init_payload = try_backend(name, func, sample, setup=setup)
         verdicts.append(verdict)

@@ -12,14 +12,18 @@ the ``backend=`` argument, else ``PICKMAP_BACKEND``, else the capability probe.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
 
 from .backends.base import Backend
 from .errors import BackendUnavailableError, UnknownBackendError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = (
     "LADDER",
@@ -103,6 +107,8 @@ def _missing_module(entry: _Entry) -> str | None:
     for module in entry.requires:
         if module in _FOUND:
             continue
+        import importlib.util  # ~1 ms (contextlib): only when an optional backend is looked for
+
         if importlib.util.find_spec(module) is None:
             return module
         _FOUND.add(module)
@@ -112,6 +118,12 @@ def _missing_module(entry: _Entry) -> str | None:
 def available_backends() -> tuple[str, ...]:
     """Registered backends whose packages are installed (checked without importing them)."""
     return tuple(name for name, entry in _REGISTRY.items() if _missing_module(entry) is None)
+
+
+def is_available(name: str) -> bool:
+    """Whether one registered backend's packages are installed (``available_backends`` for one)."""
+    entry = _REGISTRY.get(_canonical(name))
+    return entry is not None and _missing_module(entry) is None
 
 
 def register_backend(

@@ -51,14 +51,19 @@ from __future__ import annotations
 import copyreg
 import functools
 import io
+import os
 import pickle
 import sys
 import threading
 import types
-import uuid
 import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, NamedTuple
+else:
+    from ._records import NamedTuple
 
 __all__ = (
     "OOB_MIN_BYTES",
@@ -396,7 +401,7 @@ def _class_id(cls: type) -> str:
     with _CLASS_LOCK:
         class_id = _CLASS_IDS.get(cls)
         if class_id is None:
-            class_id = uuid.uuid4().hex
+            class_id = os.urandom(16).hex()  # as random as uuid4, without importing uuid
             _CLASS_IDS[cls] = class_id
             _CLASSES_BY_ID[class_id] = cls
         return class_id

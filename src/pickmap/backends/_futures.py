@@ -15,13 +15,16 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from .. import _wire
 from .._protocol import Job, Lost, Message
 from .._worker import run_job
 from ._mailbox import Mailbox
 from .base import Worker
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ("FuturesWorker",)
 

@@ -22,17 +22,22 @@ import importlib
 import math
 import os
 import select
+import socket
+import sys
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any, ClassVar
 
 from .. import _shm, _wire
 from .._protocol import Message, Stop
-from .._worker import process_main
+from .._worker import POOL_MODULES, process_main
 from .base import Backend, Worker, WorkerStart
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 # The caller's ends of every live worker pipe. A worker started by fork
 # inherits them and must close them (see _worker._close_inherited).
@@ -69,6 +74,56 @@ def _preload_fork_server(package: str, context: Any, start: WorkerStart) -> None
 
 
 _PREPARING = threading.Lock()
+
+_pool_controller: Any = None  # threadpoolctl's view of this process's pools, made once
+_pool_cap: tuple[Any, int] | None = None  # (limiter, threads) while forks hold the pools capped
+_POOL_CAP_LOCK = threading.Lock()
+
+
+def _cap_pools_for_fork(start: WorkerStart) -> tuple[Any, int] | None:
+    """Hold the caller's BLAS/OpenMP pools at the worker's inner thread count while it forks.
+
+    A forked OpenBLAS has no threads until it is next configured; a worker
+    that then sets its limit itself makes it start a thread that spins about
+    0.1 s of CPU — on a 2-core machine, a tenth of a second taken from the
+    other worker or the caller, in every new worker. Forked with the limit in
+    place, the worker inherits it and never touches its pool.
+
+    The caller's counts come back when the call ends (``release_pool_cap``),
+    not after each fork: OpenBLAS shuts the caller's pool down around every
+    ``fork()`` too, and setting its count restarts it, with the same spin —
+    once, after the call, instead of in the middle of it. Meanwhile the caller
+    runs no BLAS work of its own in parallel: it forks only while its other
+    threads are that idle pool (``_settings.default_start_method``).
+    ``(limiter, threads)`` for the worker, or ``None`` when there is nothing to cap.
+    """
+    global _pool_controller, _pool_cap
+    threads = start.inheritance.spec.inner_threads if start.inheritance is not None else 0
+    if threads <= 0 or not any(m in sys.modules for m in POOL_MODULES):
+        return None
+    with _POOL_CAP_LOCK:
+        if _pool_cap is not None:
+            return _pool_cap if _pool_cap[1] == threads else None
+        try:
+            if _pool_controller is None:
+                from threadpoolctl import ThreadpoolController
+
+                _pool_controller = ThreadpoolController()
+            if all(lib.num_threads <= threads for lib in _pool_controller.lib_controllers):
+                return None
+            _pool_cap = (_pool_controller.limit(limits=threads), threads)
+        except Exception:  # threadpoolctl missing or failing: the worker limits its pools itself
+            return None
+        return _pool_cap
+
+
+def release_pool_cap() -> None:
+    """Give the caller's pools back their own counts (a call that forked workers ended)."""
+    global _pool_cap
+    with _POOL_CAP_LOCK:
+        cap, _pool_cap = _pool_cap, None
+    if cap is not None:
+        cap[0].restore_original_limits()
 
 
 def _start_without_main(package: str, process: Any) -> None:
@@ -107,7 +162,11 @@ class ProcessWorker(Worker):
         context = importlib.import_module(package).get_context(start.start_method)
         if start.start_method == "forkserver":
             _preload_fork_server(package, context, start)
-        caller_end, worker_end = context.Pipe(duplex=True)
+        # A plain socketpair, what Pipe(duplex=True) wraps: pickmap reads and writes the raw
+        # descriptors, and multiprocessing.connection would cost a first call ~7 ms of imports
+        # (tempfile, shutil, bz2, lzma, random). It pickles for spawn/forkserver children as
+        # sockets do (multiprocessing.reduction).
+        caller_end, worker_end = socket.socketpair()
         # Two doubles of shared memory: [item index, start time] while a timed call runs.
         self._progress_path, self._progress_map = _shm.progress_segment("p")
         progress = memoryview(self._progress_map).cast("d")
@@ -119,6 +178,7 @@ class ProcessWorker(Worker):
         self.adopted_call = (
             start.inheritance.spec.id if adopted is not None and start.inheritance else None
         )
+        capped = _cap_pools_for_fork(start) if forked else None
         self.process = context.Process(
             target=process_main,
             args=(
@@ -128,6 +188,7 @@ class ProcessWorker(Worker):
                 os.getpid(),
                 inherited,
                 adopted,
+                capped,
             ),
             name="pickmap-worker",
             daemon=True,
@@ -222,7 +283,7 @@ class ProcessWorker(Worker):
             return
         self.announce_stop()
         # a Stop that cannot be written now: nothing to wait for
-        if self.outbox.pending or self.conn.closed:
+        if self.outbox.pending or self.conn.fileno() == -1:
             self.kill()
             return
         self._await_exit(grace)
@@ -283,3 +344,6 @@ class ProcessBackend(Backend):
 
     def start_worker(self, start: WorkerStart) -> Worker:
         return ProcessWorker(self.process_package, start)
+
+    def call_ended(self) -> None:
+        release_pool_cap()

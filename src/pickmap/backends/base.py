@@ -39,9 +39,14 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NamedTuple
 
 from .._protocol import CallSpec, Message
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, NamedTuple
+else:
+    from .._records import NamedTuple
 
 __all__ = ("Backend", "Inheritance", "Worker", "WorkerStart")
 
@@ -139,6 +144,10 @@ class Backend(abc.ABC):
         """Where the work would run, in one line, when that is more than this machine
         (a cluster's address and size), for ``explain`` and ``doctor``; ``None`` otherwise."""
         return None
+
+    def call_ended(self) -> None:
+        """A call on this backend ended (whatever its outcome): undo what starting its workers
+        changed in the caller for the duration of the call (process backends: the BLAS pool cap)."""
 
     def shutdown(self) -> None:
         """Release what the backend itself owns (``pickmap.shutdown()``); workers are the pools' business."""

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
-from typing import Any
 
 from ._futures import FuturesWorker
 from .base import Backend, Worker, WorkerStart
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class _OwnedExecutorWorker(FuturesWorker):
