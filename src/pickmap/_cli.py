@@ -236,9 +236,10 @@ def _can_write(directory: str) -> bool:
 def check_shm(path: str = SHM_PATH) -> Check:
     details = (
         (
-            "pickmap puts buffers of 256 KiB or more (numpy arrays, bytes) of callables, items and "
-            "results in shared-memory segments there, mapped by the reader; when it is missing or full "
-            f"they go to {tempfile.gettempdir()}, then through the pipe, with one warning"
+            "pickmap puts the buffers of 64 KiB or more (numpy arrays, bytes) of a callable, a "
+            "chunk's items or its results in one shared-memory segment there when they add up to "
+            f"256 KiB, mapped by the reader; when it is missing or full they go to "
+            f"{tempfile.gettempdir()}, then through the pipe, with one warning"
         ),
     )
     try:
