@@ -418,6 +418,25 @@ def test_main_references_finds_a_main_global_by_name() -> None:
     assert main_references(by_name) == ["__main__.f"]
 
 
+def test_a_trap_found_once_is_found_again_from_the_remembered_scan(monkeypatch) -> None:
+    from pickmap import probe
+
+    by_name = b"\x80\x04\x8c\x08__main__\x94\x8c\x01f\x94\x93\x94."  # STACK_GLOBAL __main__ f
+    walks: list[bytes] = []
+
+    def counting(data: bytes) -> list[str]:
+        walks.append(data)
+        return main_references(data)
+
+    monkeypatch.setattr(probe, "main_references", counting)
+    monkeypatch.setattr(probe, "_SCANNED", {})
+    first = probe._trap(by_name, "the callable")
+    again = probe._trap(bytes(by_name), "the callable")  # an equal stream, a new object
+    assert first == again and first is not None and "__main__.f" in first
+    assert walks == [by_name]  # the second call read the remembered result
+    assert probe._trap(b"\x80\x04K\x01.", "the callable") is None  # plain data: no trap
+
+
 def test_the_by_reference_checks_read_only_the_stream_not_the_buffers() -> None:
     raw = (b"__main__ _create_lock \x8c\x08__main__\x93" * (OOB_MIN_BYTES // 16))[
         : 4 * OOB_MIN_BYTES

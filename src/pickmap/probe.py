@@ -87,9 +87,30 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+# Streams already scanned for traps, and what was found: a warm call dumps the same
+# callable to the same bytes every time, and the opcode walk is most of such a
+# call's own CPU when the stream mentions __main__ (cloudpickle's by-value functions do).
+_SCANNED: dict[bytes, tuple[list[str], bool]] = {}
+_SCANNED_KEPT = 64
+_SCANNED_MAX_BYTES = 1 << 16
+
+
+def _scan(data: bytes) -> tuple[list[str], bool]:
+    """``(main_references(data), copies_locks(data))``, remembered for small streams."""
+    found = _SCANNED.get(data)
+    if found is None:
+        found = (main_references(data), copies_locks(data))
+        if len(data) <= _SCANNED_MAX_BYTES:
+            while len(_SCANNED) >= _SCANNED_KEPT:
+                _SCANNED.pop(next(iter(_SCANNED), b""), None)
+            _SCANNED[data] = found
+    return found
+
+
 def _trap(data: bytes, what: str) -> str | None:
     """Why the pickle stream ``data`` would load here but be wrong in a worker, or None."""
-    refs = main_references(data)  # first: a pickle of __main__ itself holds anything, locks too
+    # first: a pickle of __main__ itself holds anything, locks too
+    refs, locks = _scan(data)
     if refs and refs[0] in _MAIN_MODULES:
         return (
             f"{what} imports the {refs[0]} module itself, which in a worker process is the worker's "
@@ -100,7 +121,7 @@ def _trap(data: bytes, what: str) -> str | None:
             f"{what} refers to {refs[0]} by name, which a worker process cannot import "
             f"(spawn/forkserver, or a worker started before it was defined)"
         )
-    if copies_locks(data):
+    if locks:
         return (
             f"{what} holds a threading lock; a copy in a worker process would no longer "
             f"lock anything shared with this process (threads share it)"
