@@ -97,6 +97,21 @@ def test_a_logger_set_below_the_root_level_lets_its_worker_records_through(captu
     assert seen == [f"info {x}" for x in range(4)]
 
 
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_level_the_caller_resets_is_reset_in_warm_workers_too(captured, method):
+    pickmap.shutdown()
+    logging.getLogger("myapp").setLevel(logging.ERROR)
+    try:
+        pmap(log_info_to_myapp, range(2), backend="stdlib", workers=2, start_method=method)
+        assert not [r for r in captured.records if r.name == "myapp"]  # ERROR: INFO dropped
+    finally:
+        logging.getLogger("myapp").setLevel(logging.NOTSET)
+    # The same warm workers, and the caller now handles myapp's INFO (root DEBUG).
+    pmap(log_info_to_myapp, range(2), backend="stdlib", workers=2, start_method=method)
+    seen = sorted(r.getMessage() for r in captured.records if r.name == "myapp")
+    assert seen == ["info 0", "info 1"]
+
+
 @pytest.mark.parametrize("backend", ["cloudpickle", "ppe"])
 def test_a_forked_worker_never_prints_a_record_twice(backend, tmp_path):
     import subprocess

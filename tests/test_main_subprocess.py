@@ -212,3 +212,46 @@ def test_a_main_initializer_sets_a_global_the_main_function_reads(tmp_path, meth
     script.write_text(INITIALIZER_SCRIPT)
     out = run_python([str(script), serializer], {"PICKMAP_START_METHOD": method}).splitlines()
     assert out == ["[0, 7, 14]", "[0, 8, 16]"]
+
+
+WRAPPED_INITIALIZER_SCRIPT = textwrap.dedent(
+    """
+    import functools
+    import sys
+    import pickmap
+
+    SCALE = None
+
+    def init(value):
+        global SCALE
+        SCALE = value
+
+    class Scaler:
+        def __call__(self, x):
+            return x * SCALE
+
+    def scaled(x, extra=0):
+        return x * SCALE + extra
+
+    if __name__ == "__main__":
+        backend = sys.argv[1]
+        cases = [
+            (Scaler(), init),
+            (functools.partial(scaled, extra=1), functools.partial(init)),
+        ]
+        for func, initializer in cases:
+            print(pickmap.pmap(func, range(3), backend=backend, workers=2,
+                               initializer=initializer, initargs=(5,)))
+    """
+)
+
+
+@pytest.mark.parametrize("serializer", ["cloudpickle", "dill"])
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_main_callable_object_and_partial_initializer_share_the_scripts_namespace(
+    tmp_path, method, serializer
+):
+    script = tmp_path / "wrapped_init.py"
+    script.write_text(WRAPPED_INITIALIZER_SCRIPT)
+    out = run_python([str(script), serializer], {"PICKMAP_START_METHOD": method}).splitlines()
+    assert out == ["[0, 5, 10]", "[1, 6, 11]"]

@@ -65,3 +65,24 @@ def test_a_first_call_imports_neither_multiprocessing_connection_nor_tempfile():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]", "True"]
+
+
+def test_threads_that_first_touch_worker_crashed_error_at_once_all_get_one_class():
+    code = (
+        "import threading, pickle, pickmap\n"
+        "barrier, seen = threading.Barrier(8), []\n"
+        "def touch():\n"
+        "    barrier.wait()\n"
+        "    seen.append(pickmap.WorkerCrashedError)\n"
+        "threads = [threading.Thread(target=touch) for _ in range(8)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "error = seen[0]('gone', exitcode=-9, indices=[1])\n"
+        "assert isinstance(error, pickmap.WorkerCrashedError)\n"
+        "pickle.loads(pickle.dumps(error))\n"
+        "print(len({id(c) for c in seen}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"

@@ -225,6 +225,41 @@ def test_a_worker_forked_with_numpy_loaded_starts_no_blas_thread_and_the_caller_
     assert caller_pools == str([cpus])
 
 
+def test_the_callers_blas_cap_lasts_until_the_last_call_that_forked_under_it_ends(clean_env):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one usable CPU: the pools are at 1 thread already, nothing is capped")
+    code = (
+        "import types, numpy, threadpoolctl\n"
+        "from pickmap.backends._process import _cap_pools_for_fork, release_pool_cap\n"
+        "def start(call_id):\n"
+        "    spec = types.SimpleNamespace(id=call_id, inner_threads=1)\n"
+        "    return types.SimpleNamespace(inheritance=types.SimpleNamespace(spec=spec))\n"
+        "def counts():\n"
+        "    return [p['num_threads'] for p in threadpoolctl.threadpool_info()]\n"
+        "before = counts()\n"
+        "assert _cap_pools_for_fork(start(1)) is not None\n"
+        "assert _cap_pools_for_fork(start(2)) is not None\n"
+        "capped = counts()\n"
+        "release_pool_cap(1)\n"
+        "one_left = counts()\n"
+        "release_pool_cap(2)\n"
+        "release_pool_cap(2)  # again, as after a Ctrl-C: nothing more to do\n"
+        "print(before, capped, one_left, counts())\n"
+    )
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS", "OMP_"))
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    cpus = len(os.sched_getaffinity(0))
+    assert done.stdout.split() == [f"[{cpus}]", "[1]", "[1]", f"[{cpus}]"]
+
+
 def test_inner_threads_must_be_a_whole_number(clean_env):
     with pytest.raises(ValueError, match="inner_threads"):
         pmap(zoo.square, [1], inner_threads=-1)

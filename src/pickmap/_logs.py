@@ -96,6 +96,7 @@ def _plain(record: Any) -> dict[str, Any]:
 
 
 _installed: Forwarder | None = None
+_applied: dict[str, int] = {}  # the levels this worker took from the caller for the last call
 
 
 def install_forwarder(levels: tuple[tuple[str, int], ...]) -> Forwarder:
@@ -111,8 +112,19 @@ def install_forwarder(levels: tuple[tuple[str, int], ...]) -> Forwarder:
         for handler in list(root.handlers):
             root.removeHandler(handler)
         root.addHandler(_installed.handler)
-    for name, level in levels:
-        logging.getLogger(name or None).setLevel(level)
+    wanted = dict(levels)
+    # A logger the caller has since reset goes back to NOTSET, so a warm worker drops
+    # nothing the caller now wants. Levels are assigned, and the loggers' caches
+    # cleared once: setLevel clears every logger's cache on each call.
+    changes = {name: wanted.get(name, logging.NOTSET) for name in {*wanted, *_applied}}
+    changes = {name: level for name, level in changes.items() if _applied.get(name) != level}
+    for name, level in changes.items():
+        if name:
+            logging.getLogger(name).level = level
+    if changes:  # setLevel clears the loggers' caches, once for all of them
+        root.setLevel(wanted.get("", root.level))
+    _applied.clear()
+    _applied.update(wanted)
     return _installed
 
 

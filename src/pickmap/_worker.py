@@ -94,16 +94,41 @@ _IN_WORKER = False
 _THREAD = threading.local()
 
 
-def _globals_of(func: Any) -> dict[str, Any] | None:
-    """The module namespace a callable reads its globals from (a function's, a method's, a partial's)."""
-    for _ in range(8):  # partial of a method of ...: a few levels at most
-        if isinstance(func, types.FunctionType):
-            return func.__globals__
-        inner = getattr(func, "__func__", None) or getattr(func, "func", None)
-        if inner is None:
+def _function_of(obj: Any) -> types.FunctionType | None:
+    """The plain function behind a callable: itself, a bound method's, a partial's, or a
+    callable object's ``__call__``; None for anything else (builtins, classes)."""
+    for _ in range(8):  # a partial of a method of ...: a few levels at most
+        if isinstance(obj, types.FunctionType):
+            return obj
+        if isinstance(obj, types.MethodType):
+            obj = obj.__func__
+        elif isinstance(obj, functools.partial):
+            obj = obj.func
+        elif not isinstance(obj, type) and isinstance(_call_of(type(obj)), types.FunctionType):
+            obj = _call_of(type(obj))  # a callable object of a class defined in Python
+        else:
             return None
-        func = inner
     return None
+
+
+def _call_of(cls: type) -> Any:
+    return next((vars(k)["__call__"] for k in cls.__mro__ if "__call__" in vars(k)), None)
+
+
+def _rebound(obj: Any, namespace: dict[str, Any]) -> Any:
+    """``obj`` with its function reading ``namespace`` as its globals (the wrappers kept)."""
+    if isinstance(obj, types.FunctionType):
+        rebuilt = types.FunctionType(
+            obj.__code__, namespace, obj.__name__, obj.__defaults__, obj.__closure__
+        )
+        rebuilt.__kwdefaults__ = obj.__kwdefaults__
+        rebuilt.__dict__.update(obj.__dict__)
+        return rebuilt
+    if isinstance(obj, functools.partial):
+        return functools.partial(_rebound(obj.func, namespace), *obj.args, **obj.keywords)
+    if isinstance(obj, types.MethodType):
+        return types.MethodType(_rebound(obj.__func__, namespace), obj.__self__)
+    return obj
 
 
 def share_namespace(func: Any, initializer: Any) -> Any:
@@ -114,27 +139,21 @@ def share_namespace(func: Any, initializer: Any) -> Any:
     a namespace of its own: a global the initializer sets would never be seen
     by the callable. In the caller they shared one module, so here they do too.
     """
-    target = _globals_of(func)
-    if target is None or not isinstance(initializer, types.FunctionType):
+    target_function = _function_of(func)
+    own_function = _function_of(initializer)
+    if target_function is None or own_function is None:
         return initializer
-    own = initializer.__globals__
-    module = sys.modules.get(initializer.__module__)
+    target, own = target_function.__globals__, own_function.__globals__
     if own is target or own.get("__name__") != target.get("__name__"):
         return initializer
+    module = sys.modules.get(own_function.__module__)
     if module is not None and vars(module) is own:
         return initializer  # an imported module's function: the namespace is shared already
     for name, value in own.items():
         target.setdefault(name, value)
-    rebuilt = types.FunctionType(
-        initializer.__code__,
-        target,
-        initializer.__name__,
-        initializer.__defaults__,
-        initializer.__closure__,
-    )
-    rebuilt.__kwdefaults__ = initializer.__kwdefaults__
-    rebuilt.__dict__.update(initializer.__dict__)
-    return rebuilt
+    if not isinstance(initializer, (types.FunctionType, functools.partial, types.MethodType)):
+        return initializer  # a callable object: its class's method cannot be rebuilt here
+    return _rebound(initializer, target)
 
 
 def in_worker() -> bool:

@@ -147,7 +147,9 @@ else:
             (PickmapError, BrokenExecutor),
             {"__init__": _crash_error_init, "__doc__": _CRASH_DOC, "__module__": __name__},
         )
-        globals()["WorkerCrashedError"] = made
+        # Two threads may get here at once (the import lets the GIL go): the first class
+        # stored wins, so every error, except clause and pickle sees one class.
+        made = globals().setdefault("WorkerCrashedError", made)
         return made
 
 

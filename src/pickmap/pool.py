@@ -299,8 +299,10 @@ class WorkerPool:
         late: KeyboardInterrupt | None = None
         while True:
             try:
-                self._end_call(call_id, interrupted=interrupted or late is not None)
-                self.backend.call_ended()
+                try:
+                    self._end_call(call_id, interrupted=interrupted or late is not None)
+                finally:
+                    self.backend.call_ended(call_id)  # idempotent: safe to repeat after a Ctrl-C
                 break
             except KeyboardInterrupt as caught:
                 late = caught

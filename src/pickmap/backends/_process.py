@@ -18,6 +18,7 @@ pathos' ``multiprocess``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -77,7 +78,9 @@ _PREPARING = threading.Lock()
 
 _pool_controller: Any = None  # threadpoolctl's view of this process's pools, made once
 _pool_cap: tuple[Any, int] | None = None  # (limiter, threads) while forks hold the pools capped
-_POOL_CAP_LOCK = threading.Lock()
+_cap_holders: set[int] = set()  # ids of the calls that forked workers under the cap
+# Held from taking the cap to the end of the fork, so no call's end restores it in between.
+_POOL_CAP_LOCK = threading.RLock()
 
 
 def _cap_pools_for_fork(start: WorkerStart) -> tuple[Any, int] | None:
@@ -98,12 +101,17 @@ def _cap_pools_for_fork(start: WorkerStart) -> tuple[Any, int] | None:
     ``(limiter, threads)`` for the worker, or ``None`` when there is nothing to cap.
     """
     global _pool_controller, _pool_cap
-    threads = start.inheritance.spec.inner_threads if start.inheritance is not None else 0
+    if start.inheritance is None:
+        return None
+    call_id, threads = start.inheritance.spec.id, start.inheritance.spec.inner_threads
     if threads <= 0 or not any(m in sys.modules for m in POOL_MODULES):
         return None
     with _POOL_CAP_LOCK:
         if _pool_cap is not None:
-            return _pool_cap if _pool_cap[1] == threads else None
+            if _pool_cap[1] != threads:
+                return None  # capped for another call's count: this worker limits itself
+            _cap_holders.add(call_id)
+            return _pool_cap
         try:
             if _pool_controller is None:
                 from threadpoolctl import ThreadpoolController
@@ -114,15 +122,19 @@ def _cap_pools_for_fork(start: WorkerStart) -> tuple[Any, int] | None:
             _pool_cap = (_pool_controller.limit(limits=threads), threads)
         except Exception:  # threadpoolctl missing or failing: the worker limits its pools itself
             return None
+        _cap_holders.add(call_id)
         return _pool_cap
 
 
-def release_pool_cap() -> None:
-    """Give the caller's pools back their own counts (a call that forked workers ended)."""
+def release_pool_cap(call_id: int) -> None:
+    """The call ``call_id`` ended: when no call that forked under the cap still runs,
+    give the caller's pools back their own counts."""
     global _pool_cap
     with _POOL_CAP_LOCK:
+        _cap_holders.discard(call_id)
+        if _cap_holders or _pool_cap is None:
+            return
         cap, _pool_cap = _pool_cap, None
-    if cap is not None:
         cap[0].restore_original_limits()
 
 
@@ -178,38 +190,40 @@ class ProcessWorker(Worker):
         self.adopted_call = (
             start.inheritance.spec.id if adopted is not None and start.inheritance else None
         )
-        capped = _cap_pools_for_fork(start) if forked else None
-        self.process = context.Process(
-            target=process_main,
-            args=(
-                worker_end,
-                self._progress_path,
-                start.idle_timeout,
-                os.getpid(),
-                inherited,
-                adopted,
-                capped,
-            ),
-            name="pickmap-worker",
-            daemon=True,
-        )
-        with warnings.catch_warnings():
-            # Python 3.12+ warns on any fork of a multi-threaded process; pickmap forks
-            # with other threads only when they are an OpenBLAS pool (see _settings.py).
-            warnings.filterwarnings(
-                "ignore", message=".*multi-threaded.*fork", category=DeprecationWarning
+        # The cap is held from its taking to the end of the fork: no call's end restores it between.
+        with _POOL_CAP_LOCK if forked else contextlib.nullcontext():
+            capped = _cap_pools_for_fork(start) if forked else None
+            self.process = context.Process(
+                target=process_main,
+                args=(
+                    worker_end,
+                    self._progress_path,
+                    start.idle_timeout,
+                    os.getpid(),
+                    inherited,
+                    adopted,
+                    capped,
+                ),
+                name="pickmap-worker",
+                daemon=True,
             )
-            try:
-                if forked:
-                    self.process.start()
-                else:
-                    _start_without_main(package, self.process)
-            except BaseException:
-                caller_end.close()
-                _shm.unlink([self._progress_path])
-                raise
-            finally:
-                worker_end.close()
+            with warnings.catch_warnings():
+                # Python 3.12+ warns on any fork of a multi-threaded process; pickmap forks
+                # with other threads only when they are an OpenBLAS pool (see _settings.py).
+                warnings.filterwarnings(
+                    "ignore", message=".*multi-threaded.*fork", category=DeprecationWarning
+                )
+                try:
+                    if forked:
+                        self.process.start()
+                    else:
+                        _start_without_main(package, self.process)
+                except BaseException:
+                    caller_end.close()
+                    _shm.unlink([self._progress_path])
+                    raise
+                finally:
+                    worker_end.close()
         _CALLER_ENDS.add(caller_end)
         self.progress = progress
         self.conn = caller_end
@@ -345,5 +359,5 @@ class ProcessBackend(Backend):
     def start_worker(self, start: WorkerStart) -> Worker:
         return ProcessWorker(self.process_package, start)
 
-    def call_ended(self) -> None:
-        release_pool_cap()
+    def call_ended(self, call_id: int) -> None:
+        release_pool_cap(call_id)

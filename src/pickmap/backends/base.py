@@ -145,8 +145,8 @@ class Backend(abc.ABC):
         (a cluster's address and size), for ``explain`` and ``doctor``; ``None`` otherwise."""
         return None
 
-    def call_ended(self) -> None:
-        """A call on this backend ended (whatever its outcome): undo what starting its workers
+    def call_ended(self, call_id: int) -> None:
+        """The call ``call_id`` on this backend ended (whatever its outcome): undo what starting its workers
         changed in the caller for the duration of the call (process backends: the BLAS pool cap)."""
 
     def shutdown(self) -> None:
