@@ -86,3 +86,11 @@ def test_threads_that_first_touch_worker_crashed_error_at_once_all_get_one_class
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
+
+
+def test_dir_of_the_package_lists_the_names_imported_on_first_use():
+    import pickmap
+
+    listed = dir(pickmap)
+    assert {"pmap", "imap", "explain", "Executor", "WorkerCrashedError", "shutdown"} <= set(listed)
+    assert set(pickmap.__all__) <= set(listed)

@@ -68,6 +68,10 @@ _LAZY = {
 }
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})  # the lazy names too, for dir() and completion
+
+
 def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
