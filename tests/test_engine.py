@@ -66,7 +66,7 @@ def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/status") as status:
             return "zombie" not in status.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or during the read
         return False
 
 
