@@ -166,6 +166,21 @@ def test_nested_pmap_inside_a_worker_runs_in_place():
     assert pmap(zoo.nested_pmap, [3, 4, 5], backend="stdlib", workers=2) == [5, 14, 30]
 
 
+def _run_fresh(code: str) -> str:
+    """``code`` in a fresh interpreter with no PICKMAP_/BLAS settings; its stdout."""
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS", "OMP_"))
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_importing_numpy_keeps_the_fork_default_and_workers_limit_their_blas_pool(clean_env):
     code = (
         "import numpy, pickmap, threadpoolctl\n"
@@ -177,17 +192,8 @@ def test_importing_numpy_keeps_the_fork_default_and_workers_limit_their_blas_poo
         "    print(pickmap.pmap(pools, [0, 1], workers=2, chunksize=1))\n"
         "    print(pickmap.pmap(pools, [0], workers=2, inner_threads=0))\n"
     )
-    import subprocess
-    import sys
-
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS", "OMP_"))
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
-    )
-    assert done.returncode == 0, done.stderr
-    threads_line, limited, untouched = done.stdout.strip().splitlines()
+    stdout = _run_fresh(code)
+    threads_line, limited, untouched = stdout.strip().splitlines()
     cpus = len(os.sched_getaffinity(0))
     assert threads_line == ("True fork" if cpus > 1 else "False fork")
     assert limited == str([[max(1, cpus // 2)]] * 2)
@@ -208,17 +214,8 @@ def test_a_worker_forked_with_numpy_loaded_starts_no_blas_thread_and_the_caller_
         "    print(pickmap.pmap(threads, [0, 1], workers=2, chunksize=1))\n"
         "    print([p['num_threads'] for p in threadpoolctl.threadpool_info()])\n"
     )
-    import subprocess
-    import sys
-
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS", "OMP_"))
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
-    )
-    assert done.returncode == 0, done.stderr
-    method, in_workers, caller_pools = done.stdout.strip().splitlines()
+    stdout = _run_fresh(code)
+    method, in_workers, caller_pools = stdout.strip().splitlines()
     cpus = len(os.sched_getaffinity(0))
     assert method == "fork"
     assert in_workers == "[2, 2]"  # the worker's main thread and its pipe reader
@@ -246,18 +243,9 @@ def test_the_callers_blas_cap_lasts_until_the_last_call_that_forked_under_it_end
         "release_pool_cap(2)  # again, as after a Ctrl-C: nothing more to do\n"
         "print(before, capped, one_left, counts())\n"
     )
-    import subprocess
-    import sys
-
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS", "OMP_"))
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
-    )
-    assert done.returncode == 0, done.stderr
+    stdout = _run_fresh(code)
     cpus = len(os.sched_getaffinity(0))
-    assert done.stdout.split() == [f"[{cpus}]", "[1]", "[1]", f"[{cpus}]"]
+    assert stdout.split() == [f"[{cpus}]", "[1]", "[1]", f"[{cpus}]"]
 
 
 def test_inner_threads_must_be_a_whole_number(clean_env):
