@@ -265,6 +265,13 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
 
 
 POOL_MODULES = ("numpy", "scipy", "torch", "sklearn")  # what loads BLAS/OpenMP pools
+
+
+def blas_pools_loaded() -> bool:
+    """Whether a module that loads BLAS/OpenMP pools is imported (else there is nothing to cap)."""
+    return any(module in sys.modules for module in POOL_MODULES)
+
+
 _inner_limit: Any = None  # threadpoolctl's limiter, while a limit is applied
 _inner_threads = 0
 
@@ -272,7 +279,7 @@ _inner_threads = 0
 def limit_inner_threads(threads: int) -> None:
     """Cap this worker process's BLAS/OpenMP pools (once the libraries are loaded); 0 restores them."""
     global _inner_limit, _inner_threads
-    if threads == _inner_threads or not any(m in sys.modules for m in POOL_MODULES):
+    if threads == _inner_threads or not blas_pools_loaded():
         return
     try:
         from threadpoolctl import threadpool_limits

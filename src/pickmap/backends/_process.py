@@ -24,7 +24,6 @@ import math
 import os
 import select
 import socket
-import sys
 import threading
 import time
 import warnings
@@ -33,7 +32,7 @@ from collections.abc import Sequence
 
 from .. import _shm, _wire
 from .._protocol import Message, Stop
-from .._worker import POOL_MODULES, process_main
+from .._worker import blas_pools_loaded, process_main
 from .base import Backend, Worker, WorkerStart
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
@@ -104,7 +103,7 @@ def _cap_pools_for_fork(start: WorkerStart) -> tuple[Any, int] | None:
     if start.inheritance is None:
         return None
     call_id, threads = start.inheritance.spec.id, start.inheritance.spec.inner_threads
-    if threads <= 0 or not any(m in sys.modules for m in POOL_MODULES):
+    if threads <= 0 or not blas_pools_loaded():
         return None
     with _POOL_CAP_LOCK:
         if _pool_cap is not None:
