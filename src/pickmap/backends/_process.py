@@ -30,7 +30,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 
-from .. import _shm, _wire
+from .. import _forkserver, _shm, _wire
 from .._protocol import Message, Stop
 from .._worker import blas_pools_loaded, process_main
 from .base import Backend, Worker, WorkerStart
@@ -55,8 +55,8 @@ def _modules_of(func: Any) -> set[str]:
     }
 
 
-def _preload_fork_server(package: str, context: Any, start: WorkerStart) -> None:
-    """Before the fork server first starts: preload what the callable needs, never ``__main__``.
+def _preload(start: WorkerStart) -> set[str]:
+    """What the fork server imports before it forks: the callable's modules, never ``__main__``.
 
     multiprocessing's default preload runs the caller's main script in the
     server (``import numpy, pandas`` at its top: half a second here). pickmap
@@ -64,13 +64,9 @@ def _preload_fork_server(package: str, context: Any, start: WorkerStart) -> None
     pickles), so the server imports the callable's modules instead, once, and
     every worker forked from it starts with them loaded.
     """
-    server = getattr(importlib.import_module(f"{package}.forkserver"), "_forkserver", None)
-    if server is None or getattr(server, "_forkserver_pid", None) is not None:
-        return  # running already (started by us or by the user): leave it alone
-    modules = {"pickmap._worker"}
-    if start.inheritance is not None:
-        modules |= _modules_of(start.inheritance.func)
-    context.set_forkserver_preload(sorted(modules))
+    if start.inheritance is None:
+        return set()
+    return _modules_of(start.inheritance.func)
 
 
 _PREPARING = threading.Lock()
@@ -170,29 +166,62 @@ def _start_without_main(package: str, process: Any) -> None:
 class ProcessWorker(Worker):
     def __init__(self, package: str, start: WorkerStart) -> None:
         assert start.start_method is not None
-        context = importlib.import_module(package).get_context(start.start_method)
-        if start.start_method == "forkserver":
-            _preload_fork_server(package, context, start)
         # A plain socketpair, what Pipe(duplex=True) wraps: pickmap reads and writes the raw
         # descriptors, and multiprocessing.connection would cost a first call ~7 ms of imports
-        # (tempfile, shutil, bz2, lzma, random). It pickles for spawn/forkserver children as
+        # (tempfile, shutil, bz2, lzma, random). It pickles for spawn children as
         # sockets do (multiprocessing.reduction).
         caller_end, worker_end = socket.socketpair()
         # Two doubles of shared memory: [item index, start time] while a timed call runs.
         self._progress_path, self._progress_map = _shm.progress_segment("p")
         progress = memoryview(self._progress_map).cast("d")
+        self.adopted_call: int | None = None
+        try:
+            if start.start_method == "forkserver":
+                # pickmap's own fork server (see _forkserver.py for why not multiprocessing's)
+                self.process: Any = _forkserver.start_worker(
+                    worker_end,
+                    _preload(start),
+                    (self._progress_path, start.idle_timeout, os.getpid()),
+                )
+            else:
+                self.process = self._start_process(package, start, caller_end, worker_end)
+        except BaseException:
+            caller_end.close()
+            _shm.unlink([self._progress_path])
+            raise
+        finally:
+            worker_end.close()
+        _CALLER_ENDS.add(caller_end)
+        self.progress = progress
+        self.conn = caller_end
+        self.waitable = caller_end
+        self.outbox = _wire.Outbox(caller_end.fileno())
+        self._reader = _wire.FrameReader(caller_end.fileno())
+        self._stop_sent = False
+        self._closed = False
+        self._exitcode: int | None = None
+        self.pid = self.process.pid
+        # forkserver workers are the fork server's children, not ours
+        self._child = start.start_method != "forkserver"
+        self._pidfd = _open_pidfd(self.pid)
+        self.sentinel = self._pidfd if self._pidfd is not None else self.process.sentinel
+
+    def _start_process(
+        self, package: str, start: WorkerStart, caller_end: socket.socket, worker_end: socket.socket
+    ) -> Any:
+        """A fork or spawn worker, started by ``package`` (multiprocessing or multiprocess)."""
+        context = importlib.import_module(package).get_context(start.start_method)
         forked = start.start_method == "fork"
         inherited = [*_CALLER_ENDS, caller_end] if forked else []
         # Under fork, Process arguments are inherited, not pickled: the call's
         # callable reaches the worker without being serialized at all.
         adopted = tuple(start.inheritance) if forked and start.inheritance is not None else None
-        self.adopted_call = (
-            start.inheritance.spec.id if adopted is not None and start.inheritance else None
-        )
+        if adopted is not None and start.inheritance is not None:
+            self.adopted_call = start.inheritance.spec.id
         # The cap is held from its taking to the end of the fork: no call's end restores it between.
         with _POOL_CAP_LOCK if forked else contextlib.nullcontext():
             capped = _cap_pools_for_fork(start) if forked else None
-            self.process = context.Process(
+            process = context.Process(
                 target=process_main,
                 args=(
                     worker_end,
@@ -212,32 +241,11 @@ class ProcessWorker(Worker):
                 warnings.filterwarnings(
                     "ignore", message=".*multi-threaded.*fork", category=DeprecationWarning
                 )
-                try:
-                    if forked:
-                        self.process.start()
-                    else:
-                        _start_without_main(package, self.process)
-                except BaseException:
-                    caller_end.close()
-                    _shm.unlink([self._progress_path])
-                    raise
-                finally:
-                    worker_end.close()
-        _CALLER_ENDS.add(caller_end)
-        self.progress = progress
-        self.conn = caller_end
-        self.waitable = caller_end
-        self.outbox = _wire.Outbox(caller_end.fileno())
-        self._reader = _wire.FrameReader(caller_end.fileno())
-        self._stop_sent = False
-        self._closed = False
-        self._exitcode: int | None = None
-        self.pid = self.process.pid
-        # forkserver workers are the fork server's children, not ours
-        self._child = start.start_method != "forkserver"
-        self._pidfd = _open_pidfd(self.pid)
-        self.sentinel = self._pidfd if self._pidfd is not None else self.process.sentinel
-
+                if forked:
+                    process.start()
+                else:
+                    _start_without_main(package, process)
+        return process
     def send(self, messages: Sequence[Message]) -> None:
         self.outbox.put(messages)
 
@@ -319,8 +327,8 @@ class ProcessWorker(Worker):
         self.progress.release()
         self._progress_map.close()
         self._exitcode = self.process.exitcode
-        if self._exitcode is not None:
-            self.process.close()
+        if self._exitcode is not None or not self._child:
+            self.process.close()  # a fork-server worker's status pipe closes even while it runs
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
