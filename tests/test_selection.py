@@ -218,7 +218,7 @@ def test_a_worker_forked_with_numpy_loaded_starts_no_blas_thread_and_the_caller_
     method, in_workers, caller_pools = stdout.strip().splitlines()
     cpus = len(os.sched_getaffinity(0))
     assert method == "fork"
-    assert in_workers == "[2, 2]"  # the worker's main thread and its pipe reader
+    assert in_workers == "[1, 1]"  # the worker's one thread: no BLAS thread, and no pipe reader
     assert caller_pools == str([cpus])
 
 

@@ -37,9 +37,10 @@ executor or a cluster. Data flow for one ``pmap`` call (records from
 
 A worker holds one call's callable at a time: a Setup for a new call replaces
 the previous callable, so nothing leaks from one call into the next. The
-caller never blocks on a write (``_wire.Outbox``), and a reader thread in each
-worker process drains its pipe, so a large chunk going one way and a large
-result the other can never deadlock.
+caller never blocks on a write (``_wire.Outbox``) and reads while its writes
+wait, so a worker blocked writing a large result while a large chunk waits
+for it can never deadlock: the worker needs no reader thread of its own, and
+runs on one thread.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import collections
 import functools
 import itertools
 import os
+import select
 import signal
 import sys
 import threading
@@ -591,31 +593,17 @@ def process_main(
     fd = conn.fileno()
     os.set_blocking(fd, True)
 
-    # A reader thread drains the pipe into a queue, so the caller's writes
-    # always complete while this worker lives. If it fails (MemoryError on a
-    # huge frame), the worker exits: the caller sees a death, never a hang.
-    inbox: SimpleQueue[list[Message] | None] = SimpleQueue()
-
-    def read_forever() -> None:
-        try:
-            while True:
-                inbox.put(_wire.read_frame(fd))
-        except BaseException:
-            inbox.put(None)
-
-    threading.Thread(target=read_forever, name="pickmap-reader", daemon=True).start()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    idle_ms = max(1, int(idle_timeout * 1000))
 
     def recv() -> list[Message]:
-        try:
-            batch = inbox.get(timeout=idle_timeout)
-        except QueueEmpty:
+        if not poller.poll(idle_ms):
             # Idle too long: say so and leave. The caller re-queues anything it
             # sent after our last reply: we never run it.
             _wire.write_frame(fd, [Bye()])
-            raise SystemExit(0) from None
-        if batch is None:
-            raise EOFError
-        return batch
+            raise SystemExit(0)
+        return _wire.read_frame(fd)
 
     try:
         first: list[Message] = [Ready(os.getpid())]
