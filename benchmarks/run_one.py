@@ -323,7 +323,12 @@ def _children_usage() -> tuple[float, float]:
 def _reap_fork_server() -> None:
     """Stop the fork servers, if any run: each has reaped the workers it forked, so once it
     is reaped their CPU and peak RSS reach our RUSAGE_CHILDREN too. ``multiprocess`` (the
-    dill-based fork pathos and pickmap's dill backend use) has a fork server of its own."""
+    dill-based fork pathos uses) has a fork server of its own, and pickmap has its own
+    (``pickmap._forkserver``), which waits for the workers pickmap's shutdown stopped."""
+    pickmap_server = sys.modules.get("pickmap._forkserver")
+    if pickmap_server is not None:
+        sys.modules["pickmap"].shutdown()
+        pickmap_server.stop()
     for package in ("multiprocessing", "multiprocess"):
         forkserver = sys.modules.get(f"{package}.forkserver")
         if (

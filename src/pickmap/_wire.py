@@ -42,7 +42,6 @@ __all__ = (
     "FrameReader",
     "Outbox",
     "from_blob",
-    "read_frame",
     "resolve",
     "share",
     "to_blob",
@@ -243,10 +242,21 @@ class Outbox:
 
 
 class FrameReader:
-    """Reads frames from a non-blocking descriptor as bytes arrive."""
+    """Reads frames as bytes arrive: from a non-blocking descriptor (the caller's side), or
+    from a blocking one (a worker's), where :meth:`read` waits for the next frame.
 
-    def __init__(self, fd: int) -> None:
+    Each read fills what the frame needs next and, in the same system call, a
+    scratch buffer with whatever follows, so a frame of small records costs
+    one ``readv``; a large buffer is read straight into its own memory.
+    """
+
+    _SCRATCH_BYTES = 1 << 16
+
+    def __init__(self, fd: int, *, blocking: bool = False) -> None:
         self.fd = fd
+        self.blocking = blocking
+        self._scratch = memoryview(bytearray(self._SCRATCH_BYTES))
+        self._ahead = self._scratch[:0]  # read past the current target, not consumed yet
         self._need: list[memoryview] = []  # targets still to fill, in order
         self._stage = "prefix"
         self._prefix = bytearray(_PREFIX.size)
@@ -258,6 +268,11 @@ class FrameReader:
     def _begin(self, target: memoryview) -> None:
         self._need = [target] if target.nbytes else []
 
+    @property
+    def buffered(self) -> bool:
+        """Bytes already read from the descriptor wait here: no need to poll it first."""
+        return self._ahead.nbytes > 0
+
     def read(self) -> list[Message]:
         """Every message complete now. ``EOFError`` when the writer closed the pipe."""
         messages: list[Message] = []
@@ -266,20 +281,32 @@ class FrameReader:
                 done = self._advance()
                 if done is not None:
                     messages.extend(done)
+                    if self.blocking:
+                        # one frame at a time: a worker answers each before it reads on,
+                        # so a crash in the next loses none of its replies
+                        return messages
                 continue
-            try:
-                got = os.readv(self.fd, [self._need[0]])
-            except BlockingIOError:
-                return messages
-            except OSError:  # ECONNRESET: the worker exited with our last write unread
-                if messages:
-                    return messages
-                raise EOFError from None
-            if got == 0:
-                if messages:
-                    return messages
-                raise EOFError
             target = self._need[0]
+            if self._ahead.nbytes:
+                got = min(self._ahead.nbytes, target.nbytes)
+                target[:got] = self._ahead[:got]
+                self._ahead = self._ahead[got:]
+            else:
+                try:
+                    got = os.readv(self.fd, [target, self._scratch])
+                except BlockingIOError:
+                    return messages
+                except OSError:  # ECONNRESET: the worker exited with our last write unread
+                    if messages:
+                        return messages
+                    raise EOFError from None
+                if got == 0:
+                    if messages:
+                        return messages
+                    raise EOFError
+                if got > target.nbytes:
+                    self._ahead = self._scratch[: got - target.nbytes]
+                    got = target.nbytes
             if got >= target.nbytes:
                 self._need.pop(0)
             else:
@@ -305,26 +332,6 @@ class FrameReader:
 
 
 # --------------------------------------------------------------------------- the worker's side: blocking
-def _read_exact(fd: int, size: int) -> bytearray:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    while view.nbytes:
-        got = os.readv(fd, [view])
-        if got == 0:
-            raise EOFError
-        view = view[got:]
-    return buffer
-
-
-def read_frame(fd: int) -> list[Message]:
-    """One whole frame from a blocking descriptor."""
-    (length,) = _PREFIX.unpack(_read_exact(fd, _PREFIX.size))
-    control = _read_exact(fd, length)
-    sizes, head = pickle.loads(control)
-    messages: list[Message] = pickle.loads(head, buffers=[_read_exact(fd, size) for size in sizes])
-    return messages
-
-
 def write_frame(fd: int, messages: Sequence[Message]) -> None:
     """Write one frame to a blocking descriptor."""
     pieces = [memoryview(p).cast("B") for p in encode(messages)]

@@ -596,14 +596,15 @@ def process_main(
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     idle_ms = max(1, int(idle_timeout * 1000))
+    reader = _wire.FrameReader(fd, blocking=True)
 
     def recv() -> list[Message]:
-        if not poller.poll(idle_ms):
+        if not reader.buffered and not poller.poll(idle_ms):
             # Idle too long: say so and leave. The caller re-queues anything it
             # sent after our last reply: we never run it.
             _wire.write_frame(fd, [Bye()])
             raise SystemExit(0)
-        return _wire.read_frame(fd)
+        return reader.read()
 
     try:
         first: list[Message] = [Ready(os.getpid())]
