@@ -26,7 +26,6 @@ the call forks workers (``backends/_process._cap_pools_for_fork``).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import threading
@@ -38,6 +37,17 @@ ENV_INNER_THREADS = "PICKMAP_INNER_THREADS"
 ENV_MAX_TASKS = "PICKMAP_MAX_TASKS_PER_WORKER"
 START_METHODS = ("fork", "spawn", "forkserver")
 DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+def supported_start_methods() -> tuple[str, ...]:
+    """The start methods this platform has, as ``multiprocessing.get_all_start_methods()``
+    says, without importing ``multiprocessing`` (~5 ms a first call need not pay)."""
+    if sys.platform == "win32":
+        return ("spawn",)
+    import socket
+
+    fds_travel = hasattr(socket, "SCM_RIGHTS") and hasattr(socket.socket, "sendmsg")
+    return ("fork", "spawn", "forkserver") if fds_travel else ("fork", "spawn")
 
 
 def _thread_count() -> int:
@@ -79,7 +89,7 @@ def _only_fork_safe_threads(threads: int) -> bool:
 
 def default_start_method() -> tuple[str, str]:
     """``(start method, why)`` when neither an argument nor the environment says."""
-    supported = multiprocessing.get_all_start_methods()
+    supported = supported_start_methods()
     if "fork" in supported and sys.platform != "darwin":
         threads = _thread_count()
         if threads == 1:
@@ -103,7 +113,7 @@ def resolve_start_method(argument: str | None) -> str:
     if value is None:
         value = os.environ.get(ENV_START_METHOD, "").strip() or None
         source = f"the environment variable {ENV_START_METHOD}"
-    supported = tuple(m for m in START_METHODS if m in multiprocessing.get_all_start_methods())
+    supported = supported_start_methods()
     if value is None:
         return default_start_method()[0]
     if value not in supported:

@@ -55,8 +55,6 @@ import sys
 import threading
 import time
 import types
-from _queue import Empty as QueueEmpty  # queue.SimpleQueue's own module: queue.py costs ~3 ms
-from _queue import SimpleQueue
 from collections.abc import Callable, Sequence
 
 from . import _logs, _shm, _wire
@@ -83,6 +81,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "WorkerState",
+    "forked_main",
     "in_worker",
     "mark_worker",
     "process_main",
@@ -561,6 +560,46 @@ def _close_inherited(fds: Sequence[Any]) -> None:
             conn.close()
         except OSError:
             pass
+
+
+def forked_main(close: Sequence[int], *args: Any) -> None:
+    """Entry point of a worker that pickmap forked itself (from the caller or its fork
+    server): :func:`process_main` with ``args``, then the process exits with its code.
+
+    What ``multiprocessing.Process`` would have done around it is done here:
+    ``close`` (the forker's descriptors) are closed, stdin is ``/dev/null``
+    (a worker never reads the caller's terminal), ``multiprocessing``'s own
+    after-fork hooks run if the caller loaded it (its queues and locks start
+    afresh), and the output is flushed before ``os._exit``, which runs no
+    ``atexit`` handler of the caller's.
+    """
+    code = 1
+    try:
+        for fd in close:
+            os.close(fd)
+        try:
+            sys.stdin.close()
+            sys.stdin = open(os.devnull)  # noqa: SIM115 (for the process's life)
+        except (OSError, ValueError, AttributeError):
+            pass
+        after_forkers = getattr(sys.modules.get("multiprocessing.util"), "_run_after_forkers", None)
+        if after_forkers is not None:
+            after_forkers()
+        process_main(*args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        os._exit(code)
 
 
 def process_main(

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import multiprocessing
 import os
 import sys
 import threading
@@ -76,6 +75,7 @@ from concurrent.futures import BrokenExecutor, Future
 from concurrent.futures import Executor as _StdExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._settings import supported_start_methods
 from .api import imap
 from .errors import RemoteTraceback, WorkerError
 
@@ -317,10 +317,10 @@ def _check_options(
 ) -> dict[str, Any]:
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a backend name or None, not {type(backend).__name__}")
-    if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
+    if start_method is not None and start_method not in supported_start_methods():
         raise ValueError(
             f"unknown start method {start_method!r}; valid start methods on this platform: "
-            f"{', '.join(multiprocessing.get_all_start_methods())}"
+            f"{', '.join(supported_start_methods())}"
         )
     options = {
         "backend": backend,

@@ -18,7 +18,6 @@ pathos' ``multiprocess``).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import os
@@ -30,7 +29,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 
-from .. import _forkserver, _shm, _wire
+from .. import _fork, _shm, _wire
 from .._protocol import Message, Stop
 from .._worker import blas_pools_loaded, process_main
 from .base import Backend, Worker, WorkerStart
@@ -177,8 +176,8 @@ class ProcessWorker(Worker):
         self.adopted_call: int | None = None
         try:
             if start.start_method == "forkserver":
-                # pickmap's own fork server (see _forkserver.py for why not multiprocessing's)
-                self.process: Any = _forkserver.start_worker(
+                # pickmap's own fork server (see _fork.py for why not multiprocessing's)
+                self.process: Any = _fork.start_served_worker(
                     worker_end,
                     _preload(start),
                     (self._progress_path, start.idle_timeout, os.getpid()),
@@ -209,31 +208,34 @@ class ProcessWorker(Worker):
     def _start_process(
         self, package: str, start: WorkerStart, caller_end: socket.socket, worker_end: socket.socket
     ) -> Any:
-        """A fork or spawn worker, started by ``package`` (multiprocessing or multiprocess)."""
-        context = importlib.import_module(package).get_context(start.start_method)
-        forked = start.start_method == "fork"
-        inherited = [*_CALLER_ENDS, caller_end] if forked else []
-        # Under fork, Process arguments are inherited, not pickled: the call's
-        # callable reaches the worker without being serialized at all.
-        adopted = tuple(start.inheritance) if forked and start.inheritance is not None else None
-        if adopted is not None and start.inheritance is not None:
-            self.adopted_call = start.inheritance.spec.id
-        # The cap is held from its taking to the end of the fork: no call's end restores it between.
-        with _POOL_CAP_LOCK if forked else contextlib.nullcontext():
-            capped = _cap_pools_for_fork(start) if forked else None
+        """A fork worker (forked by pickmap: see _fork.py), or a spawn worker started by
+        ``package`` (multiprocessing or multiprocess)."""
+        if start.start_method != "fork":
+            context = importlib.import_module(package).get_context(start.start_method)
             process = context.Process(
                 target=process_main,
-                args=(
-                    worker_end,
-                    self._progress_path,
-                    start.idle_timeout,
-                    os.getpid(),
-                    inherited,
-                    adopted,
-                    capped,
-                ),
+                args=(worker_end, self._progress_path, start.idle_timeout, os.getpid(), []),
                 name="pickmap-worker",
                 daemon=True,
+            )
+            _start_without_main(package, process)
+            return process
+        # Inherited, never pickled: the call's callable reaches the worker without being
+        # serialized at all.
+        adopted = tuple(start.inheritance) if start.inheritance is not None else None
+        if start.inheritance is not None:
+            self.adopted_call = start.inheritance.spec.id
+        # The cap is held from its taking to the end of the fork: no call's end restores it between.
+        with _POOL_CAP_LOCK:
+            capped = _cap_pools_for_fork(start)
+            args = (
+                worker_end,
+                self._progress_path,
+                start.idle_timeout,
+                os.getpid(),
+                [*_CALLER_ENDS, caller_end],
+                adopted,
+                capped,
             )
             with warnings.catch_warnings():
                 # Python 3.12+ warns on any fork of a multi-threaded process; pickmap forks
@@ -241,11 +243,8 @@ class ProcessWorker(Worker):
                 warnings.filterwarnings(
                     "ignore", message=".*multi-threaded.*fork", category=DeprecationWarning
                 )
-                if forked:
-                    process.start()
-                else:
-                    _start_without_main(package, process)
-        return process
+                return _fork.ForkedProcess((), args)
+
     def send(self, messages: Sequence[Message]) -> None:
         self.outbox.put(messages)
 
@@ -327,8 +326,8 @@ class ProcessWorker(Worker):
         self.progress.release()
         self._progress_map.close()
         self._exitcode = self.process.exitcode
-        if self._exitcode is not None or not self._child:
-            self.process.close()  # a fork-server worker's status pipe closes even while it runs
+        if self._exitcode is not None or isinstance(self.process, _fork.WorkerProcess):
+            self.process.close()  # pickmap's own handles close even while the process runs
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None

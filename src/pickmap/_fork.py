@@ -1,29 +1,34 @@
-"""pickmap's own fork server: the ``forkserver`` start method, without ``multiprocessing``.
+"""Workers pickmap forks itself: from the caller (``fork``) or from its own fork server (``forkserver``).
+
+Neither goes through ``multiprocessing``: a first call then imports none of
+it (~5 ms), and a worker's arguments are inherited or sent as plain values,
+never spawn preparation data. :class:`ForkedProcess` and
+:class:`ServedProcess` are as much of ``multiprocessing.Process`` as a worker
+needs; the child runs ``_worker.forked_main``.
 
 A fork server is a fresh, single-threaded interpreter that imports what
 workers need once and forks a worker on request, so workers start with
 those modules loaded and never inherit the caller's threads. The caller
 picks forkserver when it runs threads of its own (``_settings``), which is
-when its first call most needs to be quick.
+when its first call most needs to be quick. ``multiprocessing``'s fork
+server costs a first call about 20 ms more than this one: it imports
+``multiprocessing`` (connection, reduction, spawn, resource tracker) before
+it can fork, and every child unpickles spawn preparation data. This server
+imports only ``pickmap._worker`` and the callable's modules::
 
-``multiprocessing``'s fork server costs a first call about 20 ms more than
-this one: the server imports ``multiprocessing`` (connection, reduction,
-spawn, resource tracker) before it can fork, and every child unpickles
-spawn preparation data. This server imports only ``pickmap._worker`` and
-the callable's modules, and a request carries plain values::
-
-    caller (ForkServer.start_worker)              server (serve, one per caller)
-    ────────────────────────────────              ──────────────────────────────
+    caller (start_served_worker)                  server (serve, one per caller)
+    ────────────────────────────                  ──────────────────────────────
     posix_spawn python -c serve(fd)  ───────────▶ imports pickmap._worker
     [worker socket end, status pipe] + Request ─▶ imports Request.preload (once each)
-                                                  fork ─▶ child: process_main(...)
+                                                  fork ─▶ child: forked_main(...)
                                      ◀─────────── pid
     status pipe read end (sentinel)  ◀─────────── exit status, when the child is reaped
 
-Workers are the server's children, so their exit statuses come through the
-status pipe; death itself is watched on a pidfd (``backends/_process``). The
-server exits when the caller's end of its control socket closes (the caller
-exited or stopped it), after reaping its children for a few seconds.
+Served workers are the server's children, so their exit statuses come
+through the status pipe; death itself is watched on a pidfd
+(``backends/_process``). The server exits when the caller's end of its
+control socket closes (the caller exited or stopped it), after reaping its
+children for a few seconds.
 """
 
 from __future__ import annotations
@@ -39,11 +44,20 @@ import threading
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Any, NamedTuple
 else:
     from ._records import NamedTuple
 
-__all__ = ("Request", "ServedProcess", "serve", "start_worker", "stop")
+__all__ = (
+    "ForkedProcess",
+    "Request",
+    "ServedProcess",
+    "WorkerProcess",
+    "serve",
+    "start_served_worker",
+    "stop",
+)
 
 _HEADER = struct.Struct("!I")
 _STATUS = struct.Struct("!i")
@@ -63,21 +77,17 @@ class Request(NamedTuple):
 
 
 # --------------------------------------------------------------------------- caller side
-class ServedProcess:
-    """A worker the server forked, as much of ``multiprocessing.Process`` as a worker needs."""
+class WorkerProcess:
+    """What the worker handle needs of a process: pid, a sentinel, exit code, kill, join."""
 
-    def __init__(self, pid: int, status_fd: int) -> None:
+    def __init__(self, pid: int, sentinel: int) -> None:
         self.pid = pid
-        self.sentinel = status_fd  # readable once the server reports the exit (or dies)
+        self.sentinel = sentinel  # readable once the process has exited (or its status is known)
         self._code: int | None = None
 
     @property
     def exitcode(self) -> int | None:
-        if self._code is None and self.sentinel >= 0 and _readable(self.sentinel, 0.0):
-            data = _read_exactly(self.sentinel, _STATUS.size)
-            # no status: the server died; say so only once the worker is gone too
-            self._code = _STATUS.unpack(data)[0] if data else (None if _alive(self.pid) else 255)
-        return self._code
+        raise NotImplementedError
 
     def join(self, timeout: float | None = None) -> None:
         if self._code is None and self.sentinel >= 0:
@@ -95,6 +105,47 @@ class ServedProcess:
             self.sentinel = -1
 
 
+class ForkedProcess(WorkerProcess):
+    """A worker forked from the caller, running ``forked_main(close, *args)``.
+
+    Its sentinel is a pipe only the child holds open (end of file: it exited,
+    with any grandchild that inherited it); its status comes from ``waitpid``.
+    """
+
+    def __init__(self, close: Sequence[int], args: tuple[Any, ...]) -> None:
+        from ._worker import forked_main
+
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            forked_main([read_end, *close], *args)  # never returns
+        os.close(write_end)
+        super().__init__(pid, read_end)
+
+    @property
+    def exitcode(self) -> int | None:
+        if self._code is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (a SIGCHLD handler of the caller's)
+                pid, status = self.pid, 255 << 8
+            if pid:
+                self._code = os.waitstatus_to_exitcode(status)
+        return self._code
+
+
+class ServedProcess(WorkerProcess):
+    """A worker the fork server forked; its status arrives on the sentinel pipe."""
+
+    @property
+    def exitcode(self) -> int | None:
+        if self._code is None and self.sentinel >= 0 and _readable(self.sentinel, 0.0):
+            data = _read_exactly(self.sentinel, _STATUS.size)
+            # no status: the server died; say so only once the worker is gone too
+            self._code = _STATUS.unpack(data)[0] if data else (None if _alive(self.pid) else 255)
+        return self._code
+
+
 class _Server:
     """The caller's handle on one running server: its control socket and process."""
 
@@ -105,7 +156,7 @@ class _Server:
 
         code = (
             f"import sys; sys.path[:] = {sys.path!r}; "
-            f"from pickmap._forkserver import serve; serve({target})"
+            f"from pickmap._fork import serve; serve({target})"
         )
         argv = [sys.executable, *_args_from_interpreter_flags(), "-c", code]
         try:
@@ -149,7 +200,9 @@ _server: _Server | None = None
 _lock = threading.Lock()  # one request at a time; the server answers in order
 
 
-def start_worker(conn: socket.socket, preload: set[str], args: tuple[str, float, int]) -> ServedProcess:
+def start_served_worker(
+    conn: socket.socket, preload: set[str], args: tuple[str, float, int]
+) -> ServedProcess:
     """Fork a worker from the server (started now if none runs) that serves ``conn``."""
     global _server
     with _lock:
@@ -252,31 +305,20 @@ def _receive(control: socket.socket) -> tuple[Request, list[int]] | None:
 
 
 def _child(worker: Any, request: Request, fds: list[int], server_fds: list[int]) -> None:
-    """In the forked worker: shed the server's state, run the worker, never return."""
-    code = 1
+    """In the forked worker: shed the server's state, then run the worker (never returns)."""
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in [*server_fds, fds[1]]:
-            os.close(fd)
         os.chdir(request.cwd)
         sys.path[:] = request.sys_path
-        conn = socket.socket(fileno=fds[0])
-        worker.process_main(conn, request.progress, request.idle_timeout, request.caller_pid, ())
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         import traceback
 
         traceback.print_exc()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        os._exit(code)
+        os._exit(1)
+    conn = socket.socket(fileno=fds[0])
+    args = (conn, request.progress, request.idle_timeout, request.caller_pid, ())
+    worker.forked_main([*server_fds, fds[1]], *args)
 
 
 def _reap(statuses: dict[int, int], *, block: bool) -> None:
