@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from conftest import START_METHODS
@@ -255,3 +256,79 @@ def test_a_main_callable_object_and_partial_initializer_share_the_scripts_namesp
     script.write_text(WRAPPED_INITIALIZER_SCRIPT)
     out = run_python([str(script), serializer], {"PICKMAP_START_METHOD": method}).splitlines()
     assert out == ["[0, 5, 10]", "[1, 6, 11]"]
+
+
+# --------------------------------------------------------------------------- pickmap's own forks
+HELPERS = textwrap.dedent(
+    """
+    import os, sys
+
+    def stdin_text(_):
+        return sys.stdin.read()
+
+    def where(_):
+        return os.getcwd()
+
+    def server_pid():
+        import pickmap._fork
+        return pickmap._fork._server.pid
+    """
+)
+
+
+def test_a_first_fork_call_imports_no_multiprocessing_and_its_workers_read_no_stdin(tmp_path):
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    code = (
+        "import sys, pickmap, helpers\n"
+        "print(pickmap.pmap(helpers.stdin_text, [0, 1], start_method='fork', workers=2, chunksize=1))\n"
+        "print('multiprocessing' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input="typed at the caller's terminal\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["['', '']", "False"]
+
+
+def test_a_fork_server_worker_starts_in_the_callers_current_directory_and_path(tmp_path):
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    later = tmp_path / "later"
+    later.mkdir()
+    (later / "only_here.py").write_text("import os\ndef where(_):\n    return os.getcwd()\n")
+    code = (
+        "import os, sys, pickmap, helpers\n"
+        "print(pickmap.pmap(helpers.where, [0], start_method='forkserver', workers=1))\n"
+        "os.chdir('later'); sys.path.insert(0, os.getcwd())\n"
+        "import only_here\n"
+        "print(pickmap.pmap(only_here.where, [0, 1], start_method='forkserver', workers=2, chunksize=1))\n"
+    )
+    out = run_python(["-c", code], cwd=str(tmp_path)).splitlines()
+    assert out == [str([str(tmp_path)]), str([str(later)] * 2)]
+
+
+def test_the_fork_server_exits_once_its_caller_has(tmp_path):
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    code = (
+        "import pickmap, helpers\n"
+        "pickmap.pmap(helpers.where, [0, 1], start_method='forkserver', workers=2, chunksize=1)\n"
+        "print(helpers.server_pid())\n"
+    )
+    pid = int(run_python(["-c", code], cwd=str(tmp_path)))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _running(pid):
+        time.sleep(0.05)
+    assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
