@@ -324,8 +324,8 @@ def _reap_fork_server() -> None:
     """Stop the fork servers, if any run: each has reaped the workers it forked, so once it
     is reaped their CPU and peak RSS reach our RUSAGE_CHILDREN too. ``multiprocess`` (the
     dill-based fork pathos uses) has a fork server of its own, and pickmap has its own
-    (``pickmap._forkserver``), which waits for the workers pickmap's shutdown stopped."""
-    pickmap_server = sys.modules.get("pickmap._forkserver")
+    (``pickmap._fork``), which waits for the workers pickmap's shutdown stopped."""
+    pickmap_server = sys.modules.get("pickmap._fork")
     if pickmap_server is not None:
         sys.modules["pickmap"].shutdown()
         pickmap_server.stop()

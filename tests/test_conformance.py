@@ -132,8 +132,8 @@ def test_return_exceptions_with_an_exception_that_cannot_travel(backend):
 
 
 def test_large_chunks_and_large_results_never_deadlock(backend):
-    # Caller writing a big chunk while the worker writes a big result: the
-    # worker's reader thread keeps the caller's writes flowing (used to hang).
+    # Caller writing a big chunk while the worker writes a big result: the caller
+    # never blocks on its write and keeps reading, so the worker's write completes.
     import copy
 
     blobs = [bytes(300_000)] * 8

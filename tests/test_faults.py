@@ -839,8 +839,8 @@ def test_timeout_is_enforced_while_large_chunks_wait_for_a_worker_holding_the_gi
 def test_a_worker_out_of_memory_for_a_chunk_is_a_crash_not_a_hang(
     backend, method, no_shared_memory, tmp_path
 ):
-    # The worker's reader thread hits MemoryError on a 400 MB frame (RLIMIT_AS):
-    # the worker exits, and the caller, in the middle of writing, sees a death.
+    # The worker hits MemoryError reading a 400 MB frame (RLIMIT_AS): it exits,
+    # and the caller, in the middle of writing, sees a death.
     before = set(pmap(faults.pid_of, range(4), chunksize=1, **kw(backend, method, workers=1)))
 
     flag = tmp_path / "limited"

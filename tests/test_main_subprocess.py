@@ -332,3 +332,32 @@ def _running(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def test_fork_server_workers_start_despite_a_default_socket_timeout_a_removed_directory_and_a_killed_server(
+    tmp_path,
+):
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = (
+        "import os, signal, socket, sys, pickmap, helpers\n"
+        "sys.path.insert(0, os.getcwd())\n"
+        "socket.setdefaulttimeout(5)  # makes new sockets non-blocking\n"
+        "kw = dict(start_method='forkserver', chunksize=1)\n"
+        "print(pickmap.pmap(abs, [-1, -2], workers=2, **kw))\n"
+        "os.kill(helpers.server_pid(), signal.SIGKILL)\n"
+        "print(pickmap.pmap(abs, [-3, -4, -5], workers=3, **kw))  # new workers, a new server\n"
+        "os.chdir('gone'); os.rmdir(os.getcwd())\n"
+        "print(pickmap.pmap(abs, [-6], workers=1, **kw))\n"
+    )
+    out = run_python(["-c", code], cwd=str(tmp_path)).splitlines()
+    assert out == ["[1, 2]", "[3, 4, 5]", "[6]"]
+
+
+def test_an_idle_timeout_beyond_what_poll_takes_means_workers_never_idle_out(tmp_path):
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    code = "import pickmap, helpers\nprint(pickmap.pmap(abs, [-1, -2], workers=2, chunksize=1))\n"
+    for timeout in ("1e10", "inf"):
+        out = run_python(["-c", code], {"PICKMAP_IDLE_TIMEOUT": timeout}, cwd=str(tmp_path))
+        assert out.splitlines() == ["[1, 2]"]

@@ -82,6 +82,13 @@ def test_workers_from_environment(clean_env):
         pmap(zoo.square, [1])
 
 
+@pytest.mark.parametrize("raw", ["0", "-1", "nan", "soon"])
+def test_an_idle_timeout_that_is_not_a_positive_number_is_refused(clean_env, raw):
+    clean_env.setenv("PICKMAP_IDLE_TIMEOUT", raw)
+    with pytest.raises(ValueError, match="PICKMAP_IDLE_TIMEOUT must be a number of seconds > 0"):
+        pmap(zoo.square, [1])
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_start_method_from_environment(clean_env, method):
     clean_env.setenv("PICKMAP_START_METHOD", method)

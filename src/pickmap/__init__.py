@@ -19,6 +19,7 @@ in reading order:
 - ``_wire``       how they cross: pipe frames, out-of-band buffers, blobs
 - ``_shm``        shared-memory segments; ``_shipping``: ship once across calls
 - ``_worker``     the worker side (the data-flow diagram), ``run_job``
+- ``_fork``       workers pickmap forks itself: from the caller, or its fork server
 - ``serializers`` stdlib (private dispatch table), cloudpickle, dill
 - ``backends/``   one small module per backend (contract in ``base``)
 - ``executor``    ``pickmap.Executor``: a concurrent.futures.Executor over pmap

@@ -54,6 +54,7 @@ __all__ = (
     "Request",
     "ServedProcess",
     "WorkerProcess",
+    "readable",
     "serve",
     "start_served_worker",
     "stop",
@@ -70,7 +71,7 @@ class Request(NamedTuple):
 
     preload: tuple[str, ...]  # modules the server imports first (kept for later forks)
     sys_path: list[str]  # the caller's, now: the child imports as the caller would
-    cwd: str
+    cwd: str | None  # None: the caller's was removed
     progress: str  # process_main's arguments after the socket
     idle_timeout: float
     caller_pid: int
@@ -91,9 +92,11 @@ class WorkerProcess:
 
     def join(self, timeout: float | None = None) -> None:
         if self._code is None and self.sentinel >= 0:
-            _readable(self.sentinel, timeout)
+            readable(self.sentinel, timeout)
 
     def kill(self) -> None:
+        if self.exitcode is not None:
+            return  # reaped: its pid may be another process's by now
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -115,12 +118,18 @@ class ForkedProcess(WorkerProcess):
     def __init__(self, close: Sequence[int], args: tuple[Any, ...]) -> None:
         from ._worker import forked_main
 
+        _reap_abandoned()
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
             forked_main([read_end, *close], *args)  # never returns
         os.close(write_end)
         super().__init__(pid, read_end)
+
+    def close(self) -> None:
+        if self.exitcode is None:
+            _abandoned.add(self.pid)  # killed but not yet exited: reaped by a later fork
+        super().close()
 
     @property
     def exitcode(self) -> int | None:
@@ -134,12 +143,25 @@ class ForkedProcess(WorkerProcess):
         return self._code
 
 
+_abandoned: set[int] = set()  # forked workers closed before they were reaped
+
+
+def _reap_abandoned() -> None:
+    for pid in list(_abandoned):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _abandoned.discard(pid)
+
+
 class ServedProcess(WorkerProcess):
     """A worker the fork server forked; its status arrives on the sentinel pipe."""
 
     @property
     def exitcode(self) -> int | None:
-        if self._code is None and self.sentinel >= 0 and _readable(self.sentinel, 0.0):
+        if self._code is None and self.sentinel >= 0 and readable(self.sentinel, 0.0):
             data = _read_exactly(self.sentinel, _STATUS.size)
             # no status: the server died; say so only once the worker is gone too
             self._code = _STATUS.unpack(data)[0] if data else (None if _alive(self.pid) else 255)
@@ -150,50 +172,81 @@ class _Server:
     """The caller's handle on one running server: its control socket and process."""
 
     def __init__(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        target = 3 if theirs.fileno() != 3 else 4  # dup2 onto itself would keep close-on-exec
         from subprocess import _args_from_interpreter_flags  # type: ignore[attr-defined]
 
-        code = (
-            f"import sys; sys.path[:] = {sys.path!r}; "
-            f"from pickmap._fork import serve; serve({target})"
-        )
-        argv = [sys.executable, *_args_from_interpreter_flags(), "-c", code]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (ours, theirs):
+            end.setblocking(True)  # whatever socket.setdefaulttimeout() says
+        target = 3 if theirs.fileno() != 3 else 4  # dup2 onto itself would keep close-on-exec
+        code = f"import sys; sys.path[:] = {sys.path!r}; from pickmap._fork import serve; serve({target})"
+        # The server (and every worker it forks) holds none of the caller's descriptors but
+        # its control socket, and reads /dev/null, never the caller's terminal.
+        actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_DUP2, theirs.fileno(), target)]
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd != target]
+        actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
         try:
             self.pid = os.posix_spawn(
                 sys.executable,
-                argv,
+                [sys.executable, *_args_from_interpreter_flags(), "-c", code],
                 os.environ,
-                file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), target)],
+                file_actions=actions,
+                setsigmask=(),  # a caller thread's blocked signals are not the server's
             )
         finally:
             theirs.close()
         self.sock = ours
         self.preloaded: set[str] = set()
+        self.exited = False
 
     def fork(self, conn: socket.socket, request: Request) -> ServedProcess:
         status_r, status_w = os.pipe()
         try:
             body = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
             socket.send_fds(self.sock, [_HEADER.pack(len(body)) + body], [conn.fileno(), status_w])
-            reply = _read_exactly(self.sock.fileno(), _STATUS.size)
+            reply = self._reply()
         except BaseException:
             os.close(status_r)
             raise
         finally:
             os.close(status_w)
-        if len(reply) < _STATUS.size:
+        (pid,) = _STATUS.unpack(reply)
+        if pid < 0:
             os.close(status_r)
-            raise OSError("pickmap's fork server exited before it could start a worker")
+            raise OSError(
+                -pid, f"pickmap's fork server could not fork a worker: {os.strerror(-pid)}"
+            )
         self.preloaded.update(request.preload)
-        return ServedProcess(_STATUS.unpack(reply)[0], status_r)
+        return ServedProcess(pid, status_r)
 
-    def close(self) -> None:
+    def _reply(self) -> bytes:
+        """The server's answer; ``OSError`` if it exits first (never a wait on a dead server)."""
+        while not readable(self.sock.fileno(), 0.1):
+            if self._reaped(block=False):
+                break
+        reply = _read_exactly(self.sock.fileno(), _STATUS.size) if self.sock.fileno() >= 0 else b""
+        if len(reply) < _STATUS.size:
+            raise OSError(
+                "pickmap's fork server exited before it could start a worker (its error, if it "
+                "printed one, is above); start_method='spawn' starts workers without it"
+            )
+        return reply
+
+    def close(self, *, kill: bool = False, wait: bool = True) -> None:
+        """Drop the server: it sees the end of file and exits once it has reaped its workers
+        (at most ``_REAP_SECONDS``); ``kill`` ends it at once (a request went wrong)."""
         self.sock.close()
-        try:
-            os.waitpid(self.pid, 0)  # it reaps its children for at most _REAP_SECONDS
-        except ChildProcessError:
-            pass
+        if kill and not self.exited:
+            os.kill(self.pid, signal.SIGKILL)  # our child, not reaped yet: the pid is still its
+        if wait:
+            self._reaped(block=True)
+
+    def _reaped(self, *, block: bool) -> bool:
+        if not self.exited:
+            try:
+                self.exited = os.waitpid(self.pid, 0 if block else os.WNOHANG)[0] != 0
+            except ChildProcessError:
+                self.exited = True
+        return self.exited
 
 
 _server: _Server | None = None
@@ -205,25 +258,36 @@ def start_served_worker(
 ) -> ServedProcess:
     """Fork a worker from the server (started now if none runs) that serves ``conn``."""
     global _server
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:  # the caller's directory was removed: the worker stays in the server's
+        cwd = None
     with _lock:
-        if _server is None or _server.sock.fileno() == -1:
-            _server = _Server()
-        server = _server
-        request = Request(
-            tuple(sorted(preload - server.preloaded)), list(sys.path), os.getcwd(), *args
-        )
-        try:
-            return server.fork(conn, request)
-        except OSError:
-            _server = None  # it died: the next worker gets a new one
-            server.sock.close()
-            raise
+        for attempt in (1, 2):
+            fresh = _server is None
+            if _server is None:
+                _server = _Server()
+            server = _server
+            request = Request(
+                tuple(sorted(preload - server.preloaded)), list(sys.path), cwd, *args
+            )
+            try:
+                return server.fork(conn, request)
+            except BaseException as exc:
+                # Died, or interrupted between request and reply (Ctrl-C): its next reply
+                # could be this request's, so it answers no other.
+                _server = None
+                server.close(kill=True)
+                if fresh or attempt == 2 or not isinstance(exc, OSError):
+                    raise
+                # a server that died since its last worker: this one gets a new server
+    raise AssertionError("unreachable")
 
 
 def _close_at_exit() -> None:
     # The server sees the end of file and exits once its workers have; nobody waits for it.
     if _server is not None:
-        _server.sock.close()
+        _server.close(wait=False)
 
 
 atexit.register(_close_at_exit)
@@ -243,7 +307,7 @@ def _after_fork_in_caller_child() -> None:
     # interleave), nor hold its control socket open (the server would outlive the caller).
     global _server, _lock
     if _server is not None:
-        _server.sock.close()
+        _server.close(wait=False)
     _server, _lock = None, threading.Lock()
 
 
@@ -253,7 +317,11 @@ os.register_at_fork(after_in_child=_after_fork_in_caller_child)
 # --------------------------------------------------------------------------- server side
 def serve(control_fd: int) -> None:
     """The server's loop (``python -c``): fork a worker per request until the caller goes."""
+    import select
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
+    # a caller thread that blocked SIGCHLD passed its mask on: unblock it, or nothing is reaped
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     from . import _worker  # what every worker runs, loaded once here
 
     control = socket.socket(fileno=control_fd)
@@ -262,8 +330,6 @@ def serve(control_fd: int) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll below
     statuses: dict[int, int] = {}  # child pid -> its status pipe's write end
-    import select
-
     poller = select.poll()
     poller.register(control_fd, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -273,26 +339,41 @@ def serve(control_fd: int) -> None:
             os.read(wake_r, 4096)
             _reap(statuses, block=False)
         if control_fd in ready:
-            received = _receive(control)
+            try:
+                received = _receive(control)
+            except Exception:  # a request that cannot be read: the caller is gone or broken
+                break
             if received is None:
                 break
             request, fds = received
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # EAGAIN, ENOMEM: this worker fails, the server stays
+                pid = -(exc.errno or 1)
             if pid == 0:
                 _child(_worker, request, fds, [control_fd, wake_r, wake_w, *statuses.values()])
             os.close(fds[0])
-            statuses[pid] = fds[1]
-            os.write(control_fd, _STATUS.pack(pid))
+            if pid > 0:
+                statuses[pid] = fds[1]
+            else:
+                os.close(fds[1])
+            try:
+                os.write(control_fd, _STATUS.pack(pid))
+            except OSError:
+                break
     _reap(statuses, block=True)
 
 
 def _receive(control: socket.socket) -> tuple[Request, list[int]] | None:
+    """The next request and its two descriptors; ``None`` when the caller has closed."""
     try:
         head, fds, _, _ = socket.recv_fds(control, _HEADER.size, 2)
     except OSError:
         return None
     if not head:
         return None
+    if len(fds) != 2:
+        raise ValueError("a request came without its two descriptors")
     head += _read_exactly(control.fileno(), _HEADER.size - len(head))
     body = _read_exactly(control.fileno(), _HEADER.unpack(head)[0])
     request: Request = pickle.loads(body)
@@ -309,7 +390,8 @@ def _child(worker: Any, request: Request, fds: list[int], server_fds: list[int])
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.chdir(request.cwd)
+        if request.cwd is not None:
+            os.chdir(request.cwd)
         sys.path[:] = request.sys_path
     except BaseException:
         import traceback
@@ -358,7 +440,25 @@ def _read_exactly(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _readable(fd: int, seconds: float | None) -> bool:
+def _inheritable_fds() -> list[int]:
+    """The caller's descriptors a spawned program would inherit (not close-on-exec)."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: Python opens descriptors close-on-exec unless told otherwise
+        return []
+    inheritable = []
+    for fd in fds:
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    inheritable.append(fd)
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+    return inheritable
+
+
+def readable(fd: int, seconds: float | None) -> bool:
+    """Whether ``fd`` is readable within ``seconds`` (``None``: wait as long as it takes)."""
     import select
 
     poller = select.poll()

@@ -149,7 +149,7 @@ def resolve_idle_timeout() -> float:
         value = float(raw)
     except ValueError:
         value = 0.0
-    if value <= 0:
+    if not value > 0:  # nan too
         raise ValueError(
             f"the environment variable {ENV_IDLE_TIMEOUT} must be a number of seconds > 0, not {raw!r}"
         )

@@ -10,7 +10,8 @@ has been written to shared memory (:func:`share`). Three ways across:
   Buffers are written from the producer's memory as they are — never joined
   into one bytes object, never copied into a pickle. The caller's side is
   non-blocking (:class:`Outbox`, :class:`FrameReader`): it never waits on a
-  write, so deadlines and deaths are checked while a large chunk is sent.
+  write, so deadlines and deaths are checked while a large chunk is sent. A
+  worker reads with a blocking ``FrameReader`` and writes with :func:`write_frame`.
 - **shared memory**: a payload's buffers of 64 KiB or more, when they add up
   to :data:`SHARE_MIN_BYTES`, become one segment before framing; only their names cross the pipe, and the reader
   maps them (:func:`resolve`). Read-only for a call's callable (shared by
@@ -331,7 +332,7 @@ class FrameReader:
         return messages
 
 
-# --------------------------------------------------------------------------- the worker's side: blocking
+# --------------------------------------------------------------------------- the worker's side: blocking writes
 def write_frame(fd: int, messages: Sequence[Message]) -> None:
     """Write one frame to a blocking descriptor."""
     pieces = [memoryview(p).cast("B") for p in encode(messages)]

@@ -582,13 +582,11 @@ def forked_main(close: Sequence[int], *args: Any) -> None:
             sys.stdin = open(os.devnull)  # noqa: SIM115 (for the process's life)
         except (OSError, ValueError, AttributeError):
             pass
-        after_forkers = getattr(sys.modules.get("multiprocessing.util"), "_run_after_forkers", None)
-        if after_forkers is not None:
-            after_forkers()
+        _as_multiprocessing_child()
         process_main(*args)
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
         import traceback
 
@@ -602,6 +600,20 @@ def forked_main(close: Sequence[int], *args: Any) -> None:
         os._exit(code)
 
 
+def _as_multiprocessing_child() -> None:
+    """If the caller loaded ``multiprocessing``, be one of its children, as ``Process`` would:
+    its after-fork hooks run (queues, locks), ``current_process()`` is this worker (log
+    records' ``processName``), and the caller's children are not this process's."""
+    process = sys.modules.get("multiprocessing.process")
+    if process is None:
+        return
+    process.current_process().name = "pickmap-worker"
+    setattr(process, "_children", set())  # noqa: B010 (a private name mypy does not know)
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        util._run_after_forkers()
+
+
 def process_main(
     conn: Any,
     progress: str,
@@ -611,7 +623,7 @@ def process_main(
     adopted: tuple[CallSpec, Callable[..., Any], Any] | None = None,
     capped: tuple[Any, int] | None = None,
 ) -> None:
-    """Entry point of a pickmap worker process (the ``target`` of ``Process``).
+    """Entry point of a pickmap worker process (``forked_main``'s, or a spawn ``Process``'s target).
 
     ``adopted`` is set only for a worker forked during a call: that call's
     spec, callable and initializer, inherited with the process's memory, so
@@ -634,7 +646,7 @@ def process_main(
 
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    idle_ms = max(1, int(idle_timeout * 1000))
+    idle_ms = int(max(1.0, min(idle_timeout * 1000, 2**31 - 1)))  # poll's limit: ~24 days
     reader = _wire.FrameReader(fd, blocking=True)
 
     def recv() -> list[Message]:
@@ -652,4 +664,4 @@ def process_main(
         _wire.write_frame(fd, first)
         serve(recv, lambda replies: _wire.write_frame(fd, replies), state)
     except (EOFError, OSError, SystemExit):
-        pass  # the caller went away or we said BYE; Process._bootstrap flushes and exits
+        pass  # the caller went away or we said BYE; forked_main (or Process) flushes and exits

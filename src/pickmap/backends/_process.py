@@ -11,17 +11,16 @@ grandchild lives would never look dead, and joining it would wait out every
 timeout. A pidfd becomes readable when the process exits, whoever holds
 what. A forkserver worker is not our child: its exit status comes from the
 fork server, a moment after the pidfd says it died. Elsewhere (no pidfd) the
-sentinel is used as before. A backend only chooses the serializer and which
-``multiprocessing``-like package starts the processes (``multiprocessing`` or
-pathos' ``multiprocess``).
+sentinel is used as before. ``fork`` and ``forkserver`` workers are forked by
+pickmap itself (``_fork.py``); a backend only chooses the serializer and which
+``multiprocessing``-like package starts ``spawn`` workers (``multiprocessing``
+or pathos' ``multiprocess``).
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 import os
-import select
 import socket
 import threading
 import time
@@ -133,7 +132,7 @@ def release_pool_cap(call_id: int) -> None:
 
 
 def _start_without_main(package: str, process: Any) -> None:
-    """Start a spawn/forkserver process that does not re-run the caller's main script.
+    """Start a spawn process that does not re-run the caller's main script.
 
     multiprocessing makes every such child import ``__main__`` again (as
     ``__mp_main__``), so a script's own top-level imports (numpy, pandas) are
@@ -170,6 +169,8 @@ class ProcessWorker(Worker):
         # (tempfile, shutil, bz2, lzma, random). It pickles for spawn children as
         # sockets do (multiprocessing.reduction).
         caller_end, worker_end = socket.socketpair()
+        # Known at once: a worker forked meanwhile by another thread closes it (_CALLER_ENDS).
+        _CALLER_ENDS.add(caller_end)
         # Two doubles of shared memory: [item index, start time] while a timed call runs.
         self._progress_path, self._progress_map = _shm.progress_segment("p")
         progress = memoryview(self._progress_map).cast("d")
@@ -185,12 +186,12 @@ class ProcessWorker(Worker):
             else:
                 self.process = self._start_process(package, start, caller_end, worker_end)
         except BaseException:
+            _CALLER_ENDS.discard(caller_end)
             caller_end.close()
             _shm.unlink([self._progress_path])
             raise
         finally:
             worker_end.close()
-        _CALLER_ENDS.add(caller_end)
         self.progress = progress
         self.conn = caller_end
         self.waitable = caller_end
@@ -255,7 +256,7 @@ class ProcessWorker(Worker):
         if self._closed:
             return self._exitcode
         code: int | None = self.process.exitcode
-        if code is None and self._pidfd is not None and _readable(self._pidfd, 0):
+        if code is None and self._pidfd is not None and _fork.readable(self._pidfd, 0):
             # It has exited; the status follows at once from waitpid (a child),
             # or shortly from the fork server (forkserver).
             code = self._status_after_exit(_STATUS_SECONDS)
@@ -280,7 +281,7 @@ class ProcessWorker(Worker):
             self.process.join(seconds)
             return
         started = time.monotonic()
-        if _readable(self._pidfd, seconds):
+        if _fork.readable(self._pidfd, seconds):
             self._status_after_exit(max(0.0, seconds - (time.monotonic() - started)) + 0.1)
 
     def kill(self) -> None:
@@ -348,12 +349,6 @@ def _open_pidfd(pid: int | None) -> int | None:
         # an old kernel (ENOSYS), a sandbox (EPERM), or already reaped (ESRCH): the sentinel will do
         return None
     return fd
-
-
-def _readable(fd: int, seconds: float) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(0, math.ceil(seconds * 1000))))
 
 
 class ProcessBackend(Backend):
