@@ -96,6 +96,10 @@ class WorkerPool:
         # calls whose consumer holds them at a yield (an imap not iterated now)
         self._paused: set[int] = set()
         self._spare_pipes: list[tuple[int, int]] = []  # wake-up pipes no call waits on now
+        # Written and drained once the lock is released (_unlocked_io): a system call under
+        # the lock lets another caller thread take the GIL and then block on the lock.
+        self._wakes: list[int] = []  # write ends to wake
+        self._draining: list[tuple[int, int]] = []  # pipes to empty before they are spare
 
     @property
     def key(self) -> tuple[str, str | None, int]:
@@ -126,6 +130,14 @@ class WorkerPool:
         """
         depth = self.backend.max_queued if depth is None else min(depth, self.backend.max_queued)
         self._reap_unusable()
+        try:
+            return self._pick(call_id, inheritance, depth, finishing)
+        finally:
+            self._unlocked_io()
+
+    def _pick(
+        self, call_id: int, inheritance: Inheritance | None, depth: int, finishing: bool
+    ) -> Slot | None:
         with self.lock:
             mine = [s for s in self.slots if s.owner == call_id and s.usable]
             idle_mine = next((s for s in mine if not s.queued), None)
@@ -172,6 +184,7 @@ class WorkerPool:
         with self.lock:
             self._paused.add(call_id)
             self._wake_next()
+        self._unlocked_io()
 
     def resume(self, call_id: int) -> None:
         with self.lock:
@@ -200,16 +213,17 @@ class WorkerPool:
             self._stop_waiting(call_id)
             if was_head:
                 self._wake_next()
+        self._unlocked_io()
 
     def drain_turn(self, call_id: int) -> None:
         """Read the wake-ups on the call's pipe (it polls it level-triggered)."""
         with self.lock:
-            pipe = self._waiting.get(call_id)
-            if pipe is not None:
-                try:
-                    os.read(pipe[0], 1 << 12)
-                except OSError:
-                    pass
+            pipe = self._waiting.get(call_id)  # only this call stops its own waiting
+        if pipe is not None:
+            try:
+                os.read(pipe[0], 1 << 12)
+            except OSError:
+                pass
 
     def _start_slot(self, inheritance: Inheritance | None) -> Slot:
         start = WorkerStart(self.start_method, self.idle_timeout, inheritance, self.size)
@@ -232,21 +246,11 @@ class WorkerPool:
 
     def _stop_waiting(self, call_id: int) -> None:
         pipe = self._waiting.pop(call_id, None)
-        if pipe is None:
-            return
-        # Kept for the next call that waits, emptied first (a wake-up it did not read is
-        # not for the next one): one read instead of making and closing a pipe each
-        # time — with many callers, every system call is a chance to lose the GIL.
-        try:
-            while os.read(pipe[0], 1 << 12):
-                pass
-        except BlockingIOError:
-            self._spare_pipes.append(pipe)
-            return
-        except OSError:
-            pass
-        for fd in pipe:
-            os.close(fd)
+        if pipe is not None:
+            # Kept for the next call that waits, emptied first (a wake-up it did not read is
+            # not for the next one): one read instead of making and closing a pipe each
+            # time — with many callers, every system call is a chance to lose the GIL.
+            self._draining.append(pipe)
 
     def turn_fd(self, call_id: int) -> int | None:
         """For a call that holds no worker: readable once one may be free for it."""
@@ -255,11 +259,32 @@ class WorkerPool:
             return pipe[0] if pipe is not None else None
 
     def _wake_next(self) -> None:
+        """Wake the call first in line, once the lock is released (``_unlocked_io``)."""
         for _read, write in list(self._waiting.values())[:1]:
+            self._wakes.append(write)
+
+    def _unlocked_io(self) -> None:
+        """The wake-ups and pipe drains decided under the lock, done after it (call it with
+        the lock released). A pipe is never closed while the pool lives, so a late wake-up
+        reaches at worst the next call to wait on it, which looks again and waits again."""
+        if not (self._wakes or self._draining):
+            return
+        with self.lock:
+            wakes, self._wakes = self._wakes, []
+            draining, self._draining = self._draining, []
+        for write in dict.fromkeys(wakes):
             try:
                 os.write(write, b"\0")
             except OSError:
                 pass
+        for pipe in draining:
+            try:
+                while os.read(pipe[0], 1 << 12):
+                    pass
+            except OSError:  # BlockingIOError: empty
+                pass
+        with self.lock:
+            self._spare_pipes.extend(draining)
 
     def hand_back(self, slot: Slot) -> None:
         """The call has nothing queued on this worker: free it, and wake the call waiting longest."""
@@ -273,6 +298,7 @@ class WorkerPool:
                 return  # a worker that ran this call's initializer never serves another call
             slot.owner = None
             self._wake_next()
+        self._unlocked_io()
 
     # ------------------------------------------------------------------ removing workers
     def remove(self, slot: Slot, *, kill: bool) -> None:
@@ -286,6 +312,7 @@ class WorkerPool:
             if slot in self.slots:
                 self.slots.remove(slot)
             self._wake_next()  # room to start a worker
+        self._unlocked_io()
 
     def prune_dead(self) -> None:
         """Drop free workers that exited while idle (idle timeout, or killed from outside)."""
@@ -321,20 +348,24 @@ class WorkerPool:
             with self.lock:
                 slot.owner = None
                 self._wake_next()
+        self._unlocked_io()
 
     def close(self, *, kill: bool = False) -> None:
         """Stop every worker: all are told at once, then each gets what is left of the grace."""
         with self.lock:
             slots = list(self.slots)
-            spare, self._spare_pipes = self._spare_pipes, []
-        for pipe in spare:
-            for fd in pipe:
-                os.close(fd)
         if not kill:
             for slot in slots:
                 slot.worker.announce_stop()
         for slot in slots:
             self.remove(slot, kill=kill)
+        with self.lock:  # after the removals: they may have given a pipe back
+            pipes = [*self._spare_pipes, *self._draining, *self._waiting.values()]
+            self._spare_pipes, self._draining, self._wakes = [], [], []
+            self._waiting.clear()
+        for pipe in pipes:
+            for fd in pipe:
+                os.close(fd)
 
 
 _POOLS: dict[tuple[str, str | None, int], WorkerPool] = {}
