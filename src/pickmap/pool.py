@@ -106,9 +106,10 @@ class WorkerPool:
         return (self.backend.name, self.start_method, self.size)
 
     # ------------------------------------------------------------------ claiming workers
+    # The lock-free reads below take one atomic snapshot (a list copy, a dict or set
+    # lookup): a call's own slots and its own place in line change only by its own hand.
     def held_by(self, call_id: int) -> list[Slot]:
-        with self.lock:
-            return [s for s in self.slots if s.owner == call_id]
+        return [s for s in self.slots.copy() if s.owner == call_id]
 
     def pick(
         self,
@@ -129,7 +130,8 @@ class WorkerPool:
         delays them by that much, and saves the call a round trip and a second turn).
         """
         depth = self.backend.max_queued if depth is None else min(depth, self.backend.max_queued)
-        self._reap_unusable()
+        if any(s.owner is None and (s.said_bye or s.eof) for s in self.slots.copy()):
+            self._reap_unusable()
         try:
             return self._pick(call_id, inheritance, depth, finishing)
         finally:
@@ -168,8 +170,7 @@ class WorkerPool:
 
     def others_wait(self, call_id: int) -> bool:
         """Whether another call waits for a worker now (this one will get no second worker)."""
-        with self.lock:
-            return any(waiter != call_id for waiter in self._waiting)
+        return len(self._waiting) > (call_id in self._waiting)
 
     def _held_only_by_paused(self, call_id: int) -> bool:
         """Every worker is held by calls paused at a yield (two ``imap`` zipped, an
@@ -187,8 +188,7 @@ class WorkerPool:
         self._unlocked_io()
 
     def resume(self, call_id: int) -> None:
-        with self.lock:
-            self._paused.discard(call_id)
+        self._paused.discard(call_id)
 
     def _reap_unusable(self) -> None:
         """Remove free workers that can serve no call (said Bye, pipe closed): they count against the size."""
@@ -206,9 +206,9 @@ class WorkerPool:
         paused ``imap`` at the head of the line would hold every other call.
         A wake-up it was given passes to the next in line.
         """
+        if call_id not in self._waiting:
+            return
         with self.lock:
-            if call_id not in self._waiting:
-                return
             was_head = next(iter(self._waiting)) == call_id
             self._stop_waiting(call_id)
             if was_head:
@@ -217,8 +217,7 @@ class WorkerPool:
 
     def drain_turn(self, call_id: int) -> None:
         """Read the wake-ups on the call's pipe (it polls it level-triggered)."""
-        with self.lock:
-            pipe = self._waiting.get(call_id)  # only this call stops its own waiting
+        pipe = self._waiting.get(call_id)
         if pipe is not None:
             try:
                 os.read(pipe[0], 1 << 12)
@@ -254,9 +253,8 @@ class WorkerPool:
 
     def turn_fd(self, call_id: int) -> int | None:
         """For a call that holds no worker: readable once one may be free for it."""
-        with self.lock:
-            pipe = self._waiting.get(call_id)
-            return pipe[0] if pipe is not None else None
+        pipe = self._waiting.get(call_id)
+        return pipe[0] if pipe is not None else None
 
     def _wake_next(self) -> None:
         """Wake the call first in line, once the lock is released (``_unlocked_io``)."""
