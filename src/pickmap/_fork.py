@@ -116,9 +116,10 @@ class ForkedProcess(WorkerProcess):
     """
 
     def __init__(self, close: Sequence[int], args: tuple[Any, ...]) -> None:
-        from ._worker import forked_main
+        from ._worker import flush_std_streams, forked_main
 
         _reap_abandoned()
+        flush_std_streams()  # or the child writes the caller's buffered output a second time
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -268,9 +269,7 @@ def start_served_worker(
             if _server is None:
                 _server = _Server()
             server = _server
-            request = Request(
-                tuple(sorted(preload - server.preloaded)), list(sys.path), cwd, *args
-            )
+            request = Request(tuple(sorted(preload - server.preloaded)), list(sys.path), cwd, *args)
             try:
                 return server.fork(conn, request)
             except BaseException as exc:
@@ -346,6 +345,7 @@ def serve(control_fd: int) -> None:
             if received is None:
                 break
             request, fds = received
+            _worker.flush_std_streams()
             try:
                 pid = os.fork()
             except OSError as exc:  # EAGAIN, ENOMEM: this worker fails, the server stays

@@ -81,6 +81,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "WorkerState",
+    "flush_std_streams",
     "forked_main",
     "in_worker",
     "mark_worker",
@@ -562,6 +563,16 @@ def _close_inherited(fds: Sequence[Any]) -> None:
             pass
 
 
+def flush_std_streams() -> None:
+    """Flush stdout and stderr: before a fork (or the child writes the forker's buffered
+    output a second time), and before a forked worker leaves through ``os._exit``."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # closed, or replaced by an object without flush
+            pass
+
+
 def forked_main(close: Sequence[int], *args: Any) -> None:
     """Entry point of a worker that pickmap forked itself (from the caller or its fork
     server): :func:`process_main` with ``args``, then the process exits with its code.
@@ -592,11 +603,7 @@ def forked_main(close: Sequence[int], *args: Any) -> None:
 
         traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
+        flush_std_streams()
         os._exit(code)
 
 

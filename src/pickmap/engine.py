@@ -365,7 +365,12 @@ class _Run:
         for slot in slots:
             # Threads have no sentinel: look at them when the periodic wake-up fires.
             maybe_dead = slot in wake.deaths if slot.worker.sentinel is not None else wake.timed_out
-            if maybe_dead and slot in self.pool.slots and slot.worker.exitcode() is not None:
+            if (
+                maybe_dead
+                and slot.owner == self.call.id  # not one handed back (and maybe claimed) just now
+                and slot in self.pool.slots
+                and slot.worker.exitcode() is not None
+            ):
                 # whatever it wrote before dying (results, Bye) is still in the pipe
                 self._drain(slot, out)
                 error, again = _deaths.on_death(self.pool, self.call, slot, self.attempts)

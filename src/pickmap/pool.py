@@ -96,10 +96,11 @@ class WorkerPool:
         # calls whose consumer holds them at a yield (an imap not iterated now)
         self._paused: set[int] = set()
         self._spare_pipes: list[tuple[int, int]] = []  # wake-up pipes no call waits on now
-        # Written and drained once the lock is released (_unlocked_io): a system call under
-        # the lock lets another caller thread take the GIL and then block on the lock.
-        self._wakes: list[int] = []  # write ends to wake
-        self._draining: list[tuple[int, int]] = []  # pipes to empty before they are spare
+        # Wake-ups and pipe drains are decided under the lock and done after it
+        # (_unlocked_io): a system call under the lock lets another caller thread take the
+        # GIL and then block on the lock. Deques: taken from without the lock.
+        self._wakes: collections.deque[int] = collections.deque()  # write ends to wake
+        self._draining: collections.deque[tuple[int, int]] = collections.deque()
 
     @property
     def key(self) -> tuple[str, str | None, int]:
@@ -265,24 +266,27 @@ class WorkerPool:
         """The wake-ups and pipe drains decided under the lock, done after it (call it with
         the lock released). A pipe is never closed while the pool lives, so a late wake-up
         reaches at worst the next call to wait on it, which looks again and waits again."""
-        if not (self._wakes or self._draining):
-            return
-        with self.lock:
-            wakes, self._wakes = self._wakes, []
-            draining, self._draining = self._draining, []
-        for write in dict.fromkeys(wakes):
+        while self._wakes:
+            try:
+                write = self._wakes.popleft()
+            except IndexError:  # another thread took the last one
+                break
             try:
                 os.write(write, b"\0")
             except OSError:
                 pass
-        for pipe in draining:
+        while self._draining:
+            try:
+                pipe = self._draining.popleft()
+            except IndexError:
+                break
             try:
                 while os.read(pipe[0], 1 << 12):
                     pass
             except OSError:  # BlockingIOError: empty
                 pass
-        with self.lock:
-            self._spare_pipes.extend(draining)
+            finally:
+                self._spare_pipes.append(pipe)  # even after a Ctrl-C here: never lost
 
     def hand_back(self, slot: Slot) -> None:
         """The call has nothing queued on this worker: free it, and wake the call waiting longest."""
@@ -315,9 +319,15 @@ class WorkerPool:
     def prune_dead(self) -> None:
         """Drop free workers that exited while idle (idle timeout, or killed from outside)."""
         with self.lock:
+            # out of the list while still free, so no call claims one in between
             dead = [s for s in self.slots if s.owner is None and s.worker.exitcode() is not None]
+            for slot in dead:
+                self.slots.remove(slot)
+            if dead:
+                self._wake_next()  # room to start a worker
         for slot in dead:
-            self.remove(slot, kill=True)
+            slot.worker.kill()
+        self._unlocked_io()
 
     def end_call(self, call_id: int, *, interrupted: bool) -> None:
         """Clean up after a call; finishes even when Ctrl-C arrives during it, then re-raises that."""
@@ -346,7 +356,7 @@ class WorkerPool:
             with self.lock:
                 slot.owner = None
                 self._wake_next()
-        self._unlocked_io()
+            self._unlocked_io()  # now: the next slot's removal may wait out a grace
 
     def close(self, *, kill: bool = False) -> None:
         """Stop every worker: all are told at once, then each gets what is left of the grace."""
@@ -359,7 +369,9 @@ class WorkerPool:
             self.remove(slot, kill=kill)
         with self.lock:  # after the removals: they may have given a pipe back
             pipes = [*self._spare_pipes, *self._draining, *self._waiting.values()]
-            self._spare_pipes, self._draining, self._wakes = [], [], []
+            self._spare_pipes = []
+            self._draining.clear()
+            self._wakes.clear()
             self._waiting.clear()
         for pipe in pipes:
             for fd in pipe:
