@@ -361,3 +361,16 @@ def test_an_idle_timeout_beyond_what_poll_takes_means_workers_never_idle_out(tmp
     for timeout in ("1e10", "inf"):
         out = run_python(["-c", code], {"PICKMAP_IDLE_TIMEOUT": timeout}, cwd=str(tmp_path))
         assert out.splitlines() == ["[1, 2]"]
+
+
+def test_what_the_caller_printed_before_a_fork_call_is_written_once(tmp_path):
+    # Its stdout is a pipe here (block-buffered): a worker forked with the buffer unflushed
+    # would write it a second time when it flushes on exit.
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    code = (
+        "import pickmap, helpers\n"
+        "print('printed before the call')\n"
+        "print(pickmap.pmap(abs, [-1, -2], start_method='fork', workers=2, chunksize=1))\n"
+    )
+    out = run_python(["-c", code], cwd=str(tmp_path)).splitlines()
+    assert out == ["printed before the call", "[1, 2]"]
