@@ -54,6 +54,7 @@ __all__ = (
     "Request",
     "ServedProcess",
     "WorkerProcess",
+    "prestart_server",
     "readable",
     "serve",
     "start_served_worker",
@@ -281,6 +282,14 @@ def start_served_worker(
                     raise
                 # a server that died since its last worker: this one gets a new server
     raise AssertionError("unreachable")
+
+
+def prestart_server() -> None:
+    """Start the fork server now, if none runs, without waiting for it to boot."""
+    global _server
+    with _lock:
+        if _server is None:
+            _server = _Server()
 
 
 def _close_at_exit() -> None:

@@ -658,10 +658,15 @@ def process_main(
 
     def recv() -> list[Message]:
         if not reader.buffered and not poller.poll(idle_ms):
-            # Idle too long: say so and leave. The caller re-queues anything it
-            # sent after our last reply: we never run it.
-            _wire.write_frame(fd, [Bye()])
-            raise SystemExit(0)
+            # (a timeout beyond what one poll takes is waited out in several)
+            deadline = time.monotonic() - idle_ms / 1000 + idle_timeout
+            while time.monotonic() < deadline and not poller.poll(idle_ms):
+                pass
+            if not poller.poll(0):
+                # Idle too long: say so and leave. The caller re-queues anything it
+                # sent after our last reply: we never run it.
+                _wire.write_frame(fd, [Bye()])
+                raise SystemExit(0)
         return reader.read()
 
     try:

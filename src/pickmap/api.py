@@ -144,6 +144,13 @@ def _prepare(
         # from a worker (no process explosion, no deadlock on a full pool).
         name, source = "serial", "nested"
 
+    if method == "forkserver" and name is None and not explaining:
+        # The probe picks a process backend unless nothing pickles: their fork server
+        # boots now, beside the probe and the first chunk's pickling, not after them.
+        from ._fork import prestart_server
+
+        prestart_server()
+
     star = len(iterators) > 1
     items: Iterator[Any] = zip(*iterators, strict=False) if star else iterators[0]
     first = next(items, _NOTHING)

@@ -79,6 +79,8 @@ class Chunker:
         self._fixed = chunksize is not None  # the caller's chunksize= is never changed
         self.adaptive = not self._fixed and length is None
         self.input_error: Exception | None = None  # what the input raised; nothing is read after it
+        self._guided_for: tuple[int, float | None] | None = None  # (position, timing) of _guided
+        self._guided = 1
         if chunksize is not None:
             self.size = chunksize
         elif length is not None:
@@ -161,6 +163,14 @@ class Chunker:
         return size if self._largest is None else min(size, self._largest)
 
     def _guided_size(self) -> int:
+        # Asked several times per chunk (prefetch, size, last-chunk checks): computed once
+        # per position and timing.
+        key = (self._next_start, self._per_item)
+        if key != self._guided_for:
+            self._guided_for, self._guided = key, self._compute_guided_size()
+        return self._guided
+
+    def _compute_guided_size(self) -> int:
         assert self._length is not None
         if self._per_item is None:
             return 1  # blind: wait for a first timing
