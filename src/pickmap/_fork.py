@@ -42,6 +42,8 @@ import struct
 import sys
 import threading
 
+from ._shm import pid_alive
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -166,7 +168,7 @@ class ServedProcess(WorkerProcess):
         if self._code is None and self.sentinel >= 0 and readable(self.sentinel, 0.0):
             data = _read_exactly(self.sentinel, _STATUS.size)
             # no status: the server died; say so only once the worker is gone too
-            self._code = _STATUS.unpack(data)[0] if data else (None if _alive(self.pid) else 255)
+            self._code = _STATUS.unpack(data)[0] if data else (None if pid_alive(self.pid) else 255)
         return self._code
 
 
@@ -473,13 +475,3 @@ def readable(fd: int, seconds: float | None) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(None if seconds is None else max(0, int(seconds * 1000 + 0.999))))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 else:
     from ._records import NamedTuple
 
-__all__ = ("Segment", "map_segment", "segment_dirs", "sweep_dead", "unlink", "write")
+__all__ = ("Segment", "map_segment", "pid_alive", "segment_dirs", "sweep_dead", "unlink", "write")
 
 PREFIX = "pickmap-"
 _counter = itertools.count()
@@ -234,7 +234,8 @@ def unlink_writer(caller_pid: int, writer: str) -> None:
             _remove(path)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a zombie counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -255,7 +256,7 @@ def sweep_dead() -> None:
         _swept = True
         for path, rest in list(_ours()):
             pid_text = rest.partition("-")[0]
-            if pid_text.isdigit() and not _alive(int(pid_text)):
+            if pid_text.isdigit() and not pid_alive(int(pid_text)):
                 _remove(path)
 
 

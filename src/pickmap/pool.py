@@ -77,6 +77,11 @@ class Slot:
         return not (self.said_bye or self.eof or self.retiring)
 
 
+def _free_but_unusable(slot: Slot) -> bool:
+    """Held by no call, and can serve none (said Bye, pipe closed)."""
+    return slot.owner is None and (slot.said_bye or slot.eof)
+
+
 class WorkerPool:
     def __init__(
         self, backend: Backend, start_method: str | None, size: int, idle_timeout: float
@@ -131,7 +136,7 @@ class WorkerPool:
         delays them by that much, and saves the call a round trip and a second turn).
         """
         depth = self.backend.max_queued if depth is None else min(depth, self.backend.max_queued)
-        if any(s.owner is None and (s.said_bye or s.eof) for s in self.slots.copy()):
+        if any(_free_but_unusable(s) for s in self.slots.copy()):
             self._reap_unusable()
         try:
             return self._pick(call_id, inheritance, depth, finishing)
@@ -194,7 +199,7 @@ class WorkerPool:
     def _reap_unusable(self) -> None:
         """Remove free workers that can serve no call (said Bye, pipe closed): they count against the size."""
         with self.lock:
-            dead = [s for s in self.slots if s.owner is None and (s.said_bye or s.eof)]
+            dead = [s for s in self.slots if _free_but_unusable(s)]
             for slot in dead:
                 self.slots.remove(slot)
         for slot in dead:
