@@ -374,3 +374,27 @@ def test_what_the_caller_printed_before_a_fork_call_is_written_once(tmp_path):
     )
     out = run_python(["-c", code], cwd=str(tmp_path)).splitlines()
     assert out == ["printed before the call", "[1, 2]"]
+
+
+def test_a_fork_the_server_refuses_fails_that_worker_and_keeps_the_server(monkeypatch):
+    import socket
+
+    from pickmap import _fork
+
+    class RefusingServer:
+        def __init__(self):
+            self.preloaded: set[str] = set()
+            self.closed = False
+
+        def fork(self, conn, request):
+            raise _fork.ForkRefused(11, "pickmap's fork server could not fork a worker")
+
+        def close(self, **_):
+            self.closed = True
+
+    server = RefusingServer()
+    monkeypatch.setattr(_fork, "_server", server)
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(_fork.ForkRefused):
+        _fork.start_served_worker(b, set(), ("unused", 1.0, os.getpid()))
+    assert _fork._server is server and not server.closed

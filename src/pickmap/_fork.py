@@ -52,6 +52,7 @@ else:
     from ._records import NamedTuple
 
 __all__ = (
+    "ForkRefused",
     "ForkedProcess",
     "Request",
     "ServedProcess",
@@ -67,6 +68,10 @@ _HEADER = struct.Struct("!I")
 _STATUS = struct.Struct("!i")
 #: Seconds the server keeps reaping its children once the caller has gone.
 _REAP_SECONDS = 5.0
+
+
+class ForkRefused(OSError):
+    """The fork server runs, but its ``fork()`` failed (EAGAIN, ENOMEM)."""
 
 
 class Request(NamedTuple):
@@ -216,7 +221,7 @@ class _Server:
         (pid,) = _STATUS.unpack(reply)
         if pid < 0:
             os.close(status_r)
-            raise OSError(
+            raise ForkRefused(
                 -pid, f"pickmap's fork server could not fork a worker: {os.strerror(-pid)}"
             )
         self.preloaded.update(request.preload)
@@ -275,6 +280,8 @@ def start_served_worker(
             request = Request(tuple(sorted(preload - server.preloaded)), list(sys.path), cwd, *args)
             try:
                 return server.fork(conn, request)
+            except ForkRefused:
+                raise  # the server is well, its fork() failed (EAGAIN, ENOMEM): it stays
             except BaseException as exc:
                 # Died, or interrupted between request and reply (Ctrl-C): its next reply
                 # could be this request's, so it answers no other.
