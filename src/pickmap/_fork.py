@@ -33,11 +33,10 @@ children for a few seconds.
 
 from __future__ import annotations
 
+import _pickle
+import _socket
 import atexit
 import os
-import pickle
-import signal
-import socket
 import struct
 import sys
 import threading
@@ -46,10 +45,17 @@ from ._shm import pid_alive
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
 if TYPE_CHECKING:
+    import signal as _signal  # _signal has no stub; its functions are signal's
     from collections.abc import Sequence
+    from socket import socket
     from typing import Any, NamedTuple
 else:
+    import _signal
+
     from ._records import NamedTuple
+
+# The C halves of pickle, signal and socket: the server imports this module before it
+# can fork, and pickle.py, signal.py and socket.py would add ~5 ms (re, enum, selectors).
 
 __all__ = (
     "ForkRefused",
@@ -66,6 +72,7 @@ __all__ = (
 
 _HEADER = struct.Struct("!I")
 _STATUS = struct.Struct("!i")
+_FDS = struct.Struct("2i")  # a request's two descriptors, as SCM_RIGHTS carries them
 #: Seconds the server keeps reaping its children once the caller has gone.
 _REAP_SECONDS = 5.0
 
@@ -106,7 +113,7 @@ class WorkerProcess:
         if self.exitcode is not None:
             return  # reaped: its pid may be another process's by now
         try:
-            os.kill(self.pid, signal.SIGKILL)
+            os.kill(self.pid, _signal.SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -183,7 +190,7 @@ class _Server:
     def __init__(self) -> None:
         from subprocess import _args_from_interpreter_flags  # type: ignore[attr-defined]
 
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         for end in (ours, theirs):
             end.setblocking(True)  # whatever socket.setdefaulttimeout() says
         target = 3 if theirs.fileno() != 3 else 4  # dup2 onto itself would keep close-on-exec
@@ -207,11 +214,12 @@ class _Server:
         self.preloaded: set[str] = set()
         self.exited = False
 
-    def fork(self, conn: socket.socket, request: Request) -> ServedProcess:
+    def fork(self, conn: socket, request: Request) -> ServedProcess:
         status_r, status_w = os.pipe()
         try:
-            body = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-            socket.send_fds(self.sock, [_HEADER.pack(len(body)) + body], [conn.fileno(), status_w])
+            body = _pickle.dumps(request, protocol=5)
+            rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _FDS.pack(conn.fileno(), status_w))]
+            self.sock.sendmsg([_HEADER.pack(len(body)) + body], rights)
             reply = self._reply()
         except BaseException:
             os.close(status_r)
@@ -245,7 +253,7 @@ class _Server:
         (at most ``_REAP_SECONDS``); ``kill`` ends it at once (a request went wrong)."""
         self.sock.close()
         if kill and not self.exited:
-            os.kill(self.pid, signal.SIGKILL)  # our child, not reaped yet: the pid is still its
+            os.kill(self.pid, _signal.SIGKILL)  # our child, not reaped yet: the pid is still its
         if wait:
             self._reaped(block=True)
 
@@ -263,7 +271,7 @@ _lock = threading.Lock()  # one request at a time; the server answers in order
 
 
 def start_served_worker(
-    conn: socket.socket, preload: set[str], args: tuple[str, float, int]
+    conn: socket, preload: set[str], args: tuple[str, float, int]
 ) -> ServedProcess:
     """Fork a worker from the server (started now if none runs) that serves ``conn``."""
     global _server
@@ -336,16 +344,16 @@ def serve(control_fd: int) -> None:
     """The server's loop (``python -c``): fork a worker per request until the caller goes."""
     import select
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # Ctrl-C is the caller's to handle
     # a caller thread that blocked SIGCHLD passed its mask on: unblock it, or nothing is reaped
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
     from . import _worker  # what every worker runs, loaded once here
 
-    control = socket.socket(fileno=control_fd)
+    control = _socket.socket(fileno=control_fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll below
+    _signal.set_wakeup_fd(wake_w)
+    _signal.signal(_signal.SIGCHLD, lambda *_: None)  # only to wake the poll below
     statuses: dict[int, int] = {}  # child pid -> its status pipe's write end
     poller = select.poll()
     poller.register(control_fd, select.POLLIN)
@@ -382,19 +390,29 @@ def serve(control_fd: int) -> None:
     _reap(statuses, block=True)
 
 
-def _receive(control: socket.socket) -> tuple[Request, list[int]] | None:
+def _receive(control: _socket.socket) -> tuple[Request, list[int]] | None:
     """The next request and its two descriptors; ``None`` when the caller has closed."""
     try:
-        head, fds, _, _ = socket.recv_fds(control, _HEADER.size, 2)
+        head, ancillary, _, _ = control.recvmsg(_HEADER.size, _socket.CMSG_LEN(_FDS.size))
     except OSError:
         return None
+    fds = [
+        fd
+        for level, kind, data in ancillary
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
+        for fd in struct.unpack(f"{len(data) // 4}i", data[: len(data) // 4 * 4])
+    ]
     if not head:
+        for fd in fds:
+            os.close(fd)
         return None
     if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
         raise ValueError("a request came without its two descriptors")
     head += _read_exactly(control.fileno(), _HEADER.size - len(head))
     body = _read_exactly(control.fileno(), _HEADER.unpack(head)[0])
-    request: Request = pickle.loads(body)
+    request: Request = _pickle.loads(body)
     for module in request.preload:
         try:
             __import__(module)
@@ -406,8 +424,8 @@ def _receive(control: socket.socket) -> tuple[Request, list[int]] | None:
 def _child(worker: Any, request: Request, fds: list[int], server_fds: list[int]) -> None:
     """In the forked worker: shed the server's state, then run the worker (never returns)."""
     try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _signal.set_wakeup_fd(-1)
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
         if request.cwd is not None:
             os.chdir(request.cwd)
         sys.path[:] = request.sys_path
@@ -416,7 +434,7 @@ def _child(worker: Any, request: Request, fds: list[int], server_fds: list[int])
 
         traceback.print_exc()
         os._exit(1)
-    conn = socket.socket(fileno=fds[0])
+    conn = _socket.socket(fileno=fds[0])
     args = (conn, request.progress, request.idle_timeout, request.caller_pid, ())
     worker.forked_main([*server_fds, fds[1]], *args)
 

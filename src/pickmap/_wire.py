@@ -23,9 +23,9 @@ has been written to shared memory (:func:`share`). Three ways across:
 
 from __future__ import annotations
 
+import _pickle as pickle  # pickle.py's C half: a worker starts without pickle.py (re, enum)
 import collections
 import os
-import pickle
 import struct
 from collections.abc import Iterable, Sequence
 

@@ -50,7 +50,6 @@ import functools
 import itertools
 import os
 import select
-import signal
 import sys
 import threading
 import time
@@ -77,7 +76,10 @@ from .serializers import Serializer, get_serializer
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
 if TYPE_CHECKING:
+    import signal  # _signal has no stub; its functions are signal's
     from typing import Any
+else:
+    import _signal as signal  # signal.py's C half: a worker starts without signal.py (enum)
 
 __all__ = (
     "WorkerState",

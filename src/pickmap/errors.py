@@ -23,7 +23,7 @@ original type, with the worker's traceback attached as ``__cause__`` (a
 
 from __future__ import annotations
 
-import pickle
+import _pickle as pickle  # pickle.py's C half: a worker starts without pickle.py (re, enum)
 from collections.abc import Sequence
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)

@@ -48,11 +48,11 @@ out-of-band buffers are raw data, never opcodes.
 
 from __future__ import annotations
 
+import _pickle as pickle  # pickle.py's C half: a worker starts without pickle.py (re, enum)
 import copyreg
 import functools
 import io
 import os
-import pickle
 import sys
 import threading
 import types
