@@ -67,6 +67,19 @@ def test_a_first_call_imports_neither_multiprocessing_connection_nor_tempfile():
     assert done.stdout.split() == ["[]", "True"]
 
 
+def test_what_a_fork_server_imports_before_its_first_fork_leaves_out_pickle_socket_and_signal():
+    # The server's boot is a threaded caller's first-call latency (issue 8: threads row):
+    # pickle.py, socket.py and signal.py would add ~5 ms with re, enum and selectors.
+    code = (
+        "import sys\n"
+        "from pickmap import _fork, _worker\n"
+        "print(sorted({'pickle', 'socket', 'signal', 'enum', 're', 'typing'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_threads_that_first_touch_worker_crashed_error_at_once_all_get_one_class():
     code = (
         "import threading, pickle, pickmap\n"
