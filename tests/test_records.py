@@ -72,7 +72,8 @@ def test_what_a_fork_server_imports_before_its_first_fork_leaves_out_pickle_sock
     # pickle.py, socket.py and signal.py would add ~5 ms with re, enum and selectors.
     code = (
         "import sys\n"
-        "from pickmap import _fork, _worker\n"
+        "from pickmap import _fork, _settings, _worker\n"
+        "_settings.supported_start_methods()  # the caller's check before it starts the server\n"
         "print(sorted({'pickle', 'socket', 'signal', 'enum', 're', 'typing'} & set(sys.modules)))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

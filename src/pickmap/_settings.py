@@ -44,9 +44,9 @@ def supported_start_methods() -> tuple[str, ...]:
     says, without importing ``multiprocessing`` (~5 ms a first call need not pay)."""
     if sys.platform == "win32":
         return ("spawn",)
-    import socket
+    import _socket  # socket.py's C half: socket.py costs ~3 ms, before the fork server starts
 
-    fds_travel = hasattr(socket, "SCM_RIGHTS") and hasattr(socket.socket, "sendmsg")
+    fds_travel = hasattr(_socket, "SCM_RIGHTS") and hasattr(_socket.socket, "sendmsg")
     return ("fork", "spawn", "forkserver") if fds_travel else ("fork", "spawn")
 
 
