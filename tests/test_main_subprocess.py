@@ -398,3 +398,38 @@ def test_a_fork_the_server_refuses_fails_that_worker_and_keeps_the_server(monkey
     with a, b, pytest.raises(_fork.ForkRefused):
         _fork.start_served_worker(b, set(), ("unused", 1.0, os.getpid()))
     assert _fork._server is server and not server.closed
+
+
+def test_a_request_the_fork_server_cannot_read_ends_it_at_once_while_it_still_reaps_a_worker():
+    import socket
+
+    from pickmap import _fork, _shm
+
+    server = _fork._Server()
+    caller_end, worker_end = socket.socketpair()
+    path, progress = _shm.progress_segment("p")
+    worker = None
+    try:
+        worker = server.fork(
+            worker_end, _fork.Request((), list(sys.path), os.getcwd(), path, 60.0, os.getpid())
+        )
+        worker_end.close()
+        assert caller_end.recv(1)  # the worker's Ready: it runs, and the server must reap it
+        read_end, write_end = os.pipe()
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fork._FDS.pack(read_end, write_end))]
+        server.sock.sendmsg([_fork._HEADER.pack(5) + b"junk!"], rights)  # not a pickle
+        os.close(read_end)
+        os.close(write_end)
+        asked = time.monotonic()
+        with pytest.raises(OSError, match="exited before it could start a worker"):
+            server._reply()
+        # at once, not once the server has reaped its live worker (up to _REAP_SECONDS)
+        assert time.monotonic() - asked < _fork._REAP_SECONDS / 2
+    finally:
+        if worker is not None:
+            worker.kill()
+            worker.close()
+        caller_end.close()
+        server.close(kill=True)
+        progress.close()
+        _shm.unlink([path])

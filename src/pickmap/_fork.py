@@ -219,7 +219,10 @@ class _Server:
         try:
             body = _pickle.dumps(request, protocol=5)
             rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _FDS.pack(conn.fileno(), status_w))]
-            self.sock.sendmsg([_HEADER.pack(len(body)) + body], rights)
+            message = _HEADER.pack(len(body)) + body
+            sent = self.sock.sendmsg([message], rights)
+            if sent < len(message):  # a signal cut the send short: the rest, without the fds
+                self.sock.sendall(message[sent:])
             reply = self._reply()
         except BaseException:
             os.close(status_r)
@@ -387,6 +390,7 @@ def serve(control_fd: int) -> None:
                 os.write(control_fd, _STATUS.pack(pid))
             except OSError:
                 break
+    control.close()  # a caller waiting on a reply sees the end at once, not after the reaping
     _reap(statuses, block=True)
 
 
@@ -410,9 +414,14 @@ def _receive(control: _socket.socket) -> tuple[Request, list[int]] | None:
         for fd in fds:
             os.close(fd)
         raise ValueError("a request came without its two descriptors")
-    head += _read_exactly(control.fileno(), _HEADER.size - len(head))
-    body = _read_exactly(control.fileno(), _HEADER.unpack(head)[0])
-    request: Request = _pickle.loads(body)
+    try:
+        head += _read_exactly(control.fileno(), _HEADER.size - len(head))
+        body = _read_exactly(control.fileno(), _HEADER.unpack(head)[0])
+        request: Request = _pickle.loads(body)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     for module in request.preload:
         try:
             __import__(module)

@@ -92,7 +92,10 @@ def default_start_method() -> tuple[str, str]:
     supported = supported_start_methods()
     if "fork" in supported and sys.platform != "darwin":
         threads = _thread_count()
-        if threads == 1:
+        python_threads = threading.active_count()
+        # A Python thread (even one /proc no longer counts: the entry of a C thread that
+        # called into Python and exited) means forkserver, as resolve_start_method's shortcut.
+        if threads == 1 and python_threads == 1:
             return "fork", "this process runs a single thread"
         if _only_fork_safe_threads(threads):
             return (
@@ -102,7 +105,8 @@ def default_start_method() -> tuple[str, str]:
         fallback = "forkserver" if "forkserver" in supported else "spawn"
         return (
             fallback,
-            f"this process runs {threads} threads, and forking a multi-threaded process is unsafe",
+            f"this process runs {max(threads, python_threads)} threads, and forking a "
+            "multi-threaded process is unsafe",
         )
     return ("forkserver" if "forkserver" in supported else "spawn"), "fork is not available here"
 
