@@ -12,6 +12,13 @@ import pytest
 from pickmap._protocol import CallSpec, Lost, Stop, Task
 
 
+def python_c(code: str) -> str:
+    """What ``python -c code`` prints in a fresh interpreter (stripped); it must exit 0."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def test_records_have_their_fields_in_order_with_their_defaults():
     assert Task._fields == ("call_id", "seq", "start", "items")
     assert Lost._field_defaults == {"exitcode": None}
@@ -42,14 +49,7 @@ def test_a_field_without_a_default_after_one_with_a_default_is_refused():
 
 def test_importing_pickmap_does_not_import_typing():
     # ~6 ms of a ~25 ms import (issue 8): annotations are strings, records come from _records.
-    done = subprocess.run(
-        [sys.executable, "-c", "import sys, pickmap; print('typing' in sys.modules)"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert python_c("import sys, pickmap; print('typing' in sys.modules)") == "False"
 
 
 def test_a_first_call_imports_neither_multiprocessing_connection_nor_tempfile():
@@ -62,9 +62,7 @@ def test_a_first_call_imports_neither_multiprocessing_connection_nor_tempfile():
         "import tempfile\n"
         "print(guessed == tempfile.gettempdir())\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["[]", "True"]
+    assert python_c(code).split() == ["[]", "True"]
 
 
 def test_what_a_fork_server_imports_before_its_first_fork_leaves_out_pickle_socket_and_signal():
@@ -76,9 +74,7 @@ def test_what_a_fork_server_imports_before_its_first_fork_leaves_out_pickle_sock
         "_settings.supported_start_methods()  # the caller's check before it starts the server\n"
         "print(sorted({'pickle', 'socket', 'signal', 'enum', 're', 'typing'} & set(sys.modules)))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert python_c(code) == "[]"
 
 
 def test_threads_that_first_touch_worker_crashed_error_at_once_all_get_one_class():
@@ -95,11 +91,7 @@ def test_threads_that_first_touch_worker_crashed_error_at_once_all_get_one_class
         "pickle.loads(pickle.dumps(error))\n"
         "print(len({id(c) for c in seen}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "1"
+    assert python_c(code) == "1"
 
 
 def test_dir_of_the_package_lists_the_names_imported_on_first_use():
