@@ -22,6 +22,7 @@ import pickle
 import platform
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
@@ -75,7 +76,8 @@ def _plural(count: int, word: str) -> str:
 
 
 def check_start_method() -> Check:
-    threads = _settings._thread_count()  # the count resolve_start_method bases its default on
+    # the counts resolve_start_method bases its default on: threads, or Python's entries
+    threads = max(_settings._thread_count(), threading.active_count())
     from_env = os.environ.get(_settings.ENV_START_METHOD, "").strip()
     try:
         method = _settings.resolve_start_method(None)

@@ -297,7 +297,13 @@ def start_served_worker(
                 # Died, or interrupted between request and reply (Ctrl-C): its next reply
                 # could be this request's, so it answers no other.
                 _server = None
-                server.close(kill=True)
+                if isinstance(exc, OSError) and not server._reaped(block=False):
+                    # It closed its end itself (a request it could not read) and still reaps
+                    # the workers it forked: killed, it would lose their exit statuses.
+                    server.close(wait=False)
+                    _abandoned.add(server.pid)  # reaped by a later fork, like closed workers
+                else:
+                    server.close(kill=True)
                 if fresh or attempt == 2 or not isinstance(exc, OSError):
                     raise
                 # a server that died since its last worker: this one gets a new server
