@@ -22,7 +22,6 @@ import pickle
 import platform
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
@@ -76,8 +75,7 @@ def _plural(count: int, word: str) -> str:
 
 
 def check_start_method() -> Check:
-    # the counts resolve_start_method bases its default on: threads, or Python's entries
-    threads = max(_settings._thread_count(), threading.active_count())
+    threads = _settings._thread_count()  # the count resolve_start_method bases its default on
     from_env = os.environ.get(_settings.ENV_START_METHOD, "").strip()
     try:
         method = _settings.resolve_start_method(None)

@@ -412,22 +412,20 @@ def _receive(control: _socket.socket) -> tuple[Request, list[int]] | None:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
         for fd in struct.unpack(f"{len(data) // 4}i", data[: len(data) // 4 * 4])
     ]
-    if not head:
-        for fd in fds:
-            os.close(fd)
-        return None
-    if len(fds) != 2:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError("a request came without its two descriptors")
+    request: Request | None = None
     try:
-        head += _read_exactly(control.fileno(), _HEADER.size - len(head))
-        body = _read_exactly(control.fileno(), _HEADER.unpack(head)[0])
-        request: Request = _pickle.loads(body)
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
+        if head:
+            if len(fds) != 2:
+                raise ValueError("a request came without its two descriptors")
+            head += _read_exactly(control.fileno(), _HEADER.size - len(head))
+            body = _read_exactly(control.fileno(), _HEADER.unpack(head)[0])
+            request = _pickle.loads(body)
+    finally:
+        if request is None:  # the caller closed, or a request that cannot be read
+            for fd in fds:
+                os.close(fd)
+    if request is None:
+        return None
     for module in request.preload:
         try:
             __import__(module)

@@ -53,8 +53,10 @@ def supported_start_methods() -> tuple[str, ...]:
 def _thread_count() -> int:
     # /proc counts threads started by C libraries too (BLAS pools, ...); the
     # task directory's link count is threads + 2, read with a single stat.
+    # Python's own count can be the larger: a C thread that called into Python
+    # and exited keeps its entry, and it counts as a thread here (forkserver).
     try:
-        return os.stat("/proc/self/task").st_nlink - 2
+        return max(os.stat("/proc/self/task").st_nlink - 2, threading.active_count())
     except OSError:
         return threading.active_count()
 
@@ -92,10 +94,7 @@ def default_start_method() -> tuple[str, str]:
     supported = supported_start_methods()
     if "fork" in supported and sys.platform != "darwin":
         threads = _thread_count()
-        python_threads = threading.active_count()
-        # A Python thread (even one /proc no longer counts: the entry of a C thread that
-        # called into Python and exited) means forkserver, as resolve_start_method's shortcut.
-        if threads == 1 and python_threads == 1:
+        if threads == 1:
             return "fork", "this process runs a single thread"
         if _only_fork_safe_threads(threads):
             return (
@@ -105,8 +104,7 @@ def default_start_method() -> tuple[str, str]:
         fallback = "forkserver" if "forkserver" in supported else "spawn"
         return (
             fallback,
-            f"this process runs {max(threads, python_threads)} threads, and forking a "
-            "multi-threaded process is unsafe",
+            f"this process runs {threads} threads, and forking a multi-threaded process is unsafe",
         )
     return ("forkserver" if "forkserver" in supported else "spawn"), "fork is not available here"
 
