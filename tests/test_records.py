@@ -52,12 +52,14 @@ def test_importing_pickmap_does_not_import_typing():
     assert python_c("import sys, pickmap; print('typing' in sys.modules)") == "False"
 
 
-def test_a_first_call_imports_neither_multiprocessing_connection_nor_tempfile():
+def test_a_first_call_imports_neither_multiprocessing_connection_nor_tempfile_nor_socket():
+    # socket.py: ~4 ms of a first fork call (enum, selectors); the worker pipes are _socket's.
     code = (
         "import sys, pickmap\n"
         "from pickmap import _shm\n"
-        "assert pickmap.pmap(abs, [-1, -2], workers=2) == [1, 2]\n"
-        "print(sorted({'multiprocessing.connection', 'tempfile'} & set(sys.modules)))\n"
+        "assert pickmap.pmap(abs, [-1, -2], workers=2, backend='stdlib') == [1, 2]\n"
+        "print(sorted({'multiprocessing.connection', 'tempfile', 'socket'} & set(sys.modules)))\n"
+        "assert pickmap.explain(abs, [-1, -2], backend='stdlib').start_method == 'fork'\n"
         "guessed = _shm._temp_dir()  # where tempfile would put its files, without importing it\n"
         "import tempfile\n"
         "print(guessed == tempfile.gettempdir())\n"

@@ -47,7 +47,6 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _rec
 if TYPE_CHECKING:
     import signal as _signal  # _signal has no stub; its functions are signal's
     from collections.abc import Sequence
-    from socket import socket
     from typing import Any, NamedTuple
 else:
     import _signal
@@ -214,7 +213,7 @@ class _Server:
         self.preloaded: set[str] = set()
         self.exited = False
 
-    def fork(self, conn: socket, request: Request) -> ServedProcess:
+    def fork(self, conn: _socket.socket, request: Request) -> ServedProcess:
         status_r, status_w = os.pipe()
         try:
             body = _pickle.dumps(request, protocol=5)
@@ -274,7 +273,7 @@ _lock = threading.Lock()  # one request at a time; the server answers in order
 
 
 def start_served_worker(
-    conn: socket, preload: set[str], args: tuple[str, float, int]
+    conn: _socket.socket, preload: set[str], args: tuple[str, float, int]
 ) -> ServedProcess:
     """Fork a worker from the server (started now if none runs) that serves ``conn``."""
     global _server

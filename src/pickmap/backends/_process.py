@@ -19,9 +19,9 @@ or pathos' ``multiprocess``).
 
 from __future__ import annotations
 
+import _socket
 import importlib
 import os
-import socket
 import threading
 import time
 import warnings
@@ -40,6 +40,20 @@ if TYPE_CHECKING:
 # The caller's ends of every live worker pipe. A worker started by fork
 # inherits them and must close them (see _worker._close_inherited).
 _CALLER_ENDS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _End(_socket.socket):
+    """One end of a worker's socket pair: ``_socket``'s socket, made weak-referenceable for
+    :data:`_CALLER_ENDS`. ``socket.py`` would cost a first call ~3-4 ms of imports
+    (``enum``, ``selectors``) for a pair whose descriptors pickmap reads and writes itself."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _socket_pair() -> tuple[_End, _End]:
+    # The blocking mode follows socket.setdefaulttimeout(), as socket.socketpair()'s does.
+    first, second = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    return _End(fileno=first.detach()), _End(fileno=second.detach())
 
 
 def _modules_of(func: Any) -> set[str]:
@@ -164,11 +178,10 @@ def _start_without_main(package: str, process: Any) -> None:
 class ProcessWorker(Worker):
     def __init__(self, package: str, start: WorkerStart) -> None:
         assert start.start_method is not None
-        # A plain socketpair, what Pipe(duplex=True) wraps: pickmap reads and writes the raw
+        # A plain socket pair, what Pipe(duplex=True) wraps: pickmap reads and writes the raw
         # descriptors, and multiprocessing.connection would cost a first call ~7 ms of imports
-        # (tempfile, shutil, bz2, lzma, random). It pickles for spawn children as
-        # sockets do (multiprocessing.reduction).
-        caller_end, worker_end = socket.socketpair()
+        # (tempfile, shutil, bz2, lzma, random).
+        caller_end, worker_end = _socket_pair()
         # Known at once: a worker forked meanwhile by another thread closes it (_CALLER_ENDS).
         _CALLER_ENDS.add(caller_end)
         # Two doubles of shared memory: [item index, start time] while a timed call runs.
@@ -207,19 +220,26 @@ class ProcessWorker(Worker):
         self.sentinel = self._pidfd if self._pidfd is not None else self.process.sentinel
 
     def _start_process(
-        self, package: str, start: WorkerStart, caller_end: socket.socket, worker_end: socket.socket
+        self, package: str, start: WorkerStart, caller_end: _End, worker_end: _End
     ) -> Any:
         """A fork worker (forked by pickmap: see _fork.py), or a spawn worker started by
         ``package`` (multiprocessing or multiprocess)."""
         if start.start_method != "fork":
+            import socket  # a spawn child costs far more than its ~4 ms
+
             context = importlib.import_module(package).get_context(start.start_method)
-            process = context.Process(
-                target=process_main,
-                args=(worker_end, self._progress_path, start.idle_timeout, os.getpid(), []),
-                name="pickmap-worker",
-                daemon=True,
-            )
-            _start_without_main(package, process)
+            # multiprocessing pickles a socket.socket for the child (multiprocessing.reduction)
+            child_end = socket.socket(fileno=os.dup(worker_end.fileno()))
+            try:
+                process = context.Process(
+                    target=process_main,
+                    args=(child_end, self._progress_path, start.idle_timeout, os.getpid(), []),
+                    name="pickmap-worker",
+                    daemon=True,
+                )
+                _start_without_main(package, process)
+            finally:
+                child_end.close()
             return process
         # Inherited, never pickled: the call's callable reaches the worker without being
         # serialized at all.
