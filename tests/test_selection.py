@@ -82,6 +82,25 @@ def test_workers_from_environment(clean_env):
         pmap(zoo.square, [1])
 
 
+def test_a_backends_default_worker_count_is_asked_only_when_nothing_else_says(clean_env):
+    # dask's default asks the cluster its size: workers= or PICKMAP_WORKERS spares that.
+    from pickmap._settings import resolve_workers
+
+    asked: list[int] = []
+
+    def default() -> int:
+        asked.append(1)
+        return 5
+
+    assert resolve_workers(2, default) == 2
+    clean_env.setenv("PICKMAP_WORKERS", "3")
+    assert resolve_workers(None, default) == 3
+    assert asked == []
+    clean_env.delenv("PICKMAP_WORKERS")
+    assert resolve_workers(None, default) == 5
+    assert asked == [1]
+
+
 @pytest.mark.parametrize("raw", ["0", "-1", "nan", "soon"])
 def test_an_idle_timeout_that_is_not_a_positive_number_is_refused(clean_env, raw):
     clean_env.setenv("PICKMAP_IDLE_TIMEOUT", raw)

@@ -30,6 +30,10 @@ import os
 import sys
 import threading
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 ENV_WORKERS = "PICKMAP_WORKERS"
 ENV_START_METHOD = "PICKMAP_START_METHOD"
 ENV_IDLE_TIMEOUT = "PICKMAP_IDLE_TIMEOUT"
@@ -130,12 +134,13 @@ def resolve_start_method(argument: str | None) -> str:
     return value
 
 
-def resolve_workers(argument: int | None, default: int) -> int:
+def resolve_workers(argument: int | None, default: Callable[[], int]) -> int:
+    """``workers=``, else ``PICKMAP_WORKERS``, else ``default()`` (asked only then)."""
     if argument is not None:
         return check_positive_int("workers", argument)
     raw = os.environ.get(ENV_WORKERS, "").strip()
     if not raw:
-        return default
+        return default()
     try:
         value = int(raw)
     except ValueError:

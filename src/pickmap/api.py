@@ -178,7 +178,7 @@ def _prepare(
     if chosen is None:
         assert isinstance(name, str)  # probed, forced or nested: always a name here
         chosen = get_backend(name)
-    size = resolve_workers(workers, chosen.default_workers())
+    size = resolve_workers(workers, chosen.default_workers)
     if chosen.max_workers is not None:
         size = min(size, chosen.max_workers)
     runs_on = chosen.describe() if explaining else None

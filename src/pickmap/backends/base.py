@@ -37,10 +37,10 @@ callbacks use :class:`~pickmap.backends._mailbox.Mailbox` for ``waitable``.
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import Callable, Sequence
 
 from .._protocol import CallSpec, Message
+from .._settings import usable_cpus
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
 if TYPE_CHECKING:
@@ -126,10 +126,7 @@ class Backend(abc.ABC):
 
     def default_workers(self) -> int:
         """Worker count when neither ``workers=`` nor ``PICKMAP_WORKERS`` says."""
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not on Linux
-            return os.cpu_count() or 1
+        return usable_cpus()
 
     @abc.abstractmethod
     def start_worker(self, start: WorkerStart) -> Worker:
