@@ -1,6 +1,6 @@
 """pickmap against its peers, in one run, each measurement in a fresh process.
 
-    python benchmarks/compare.py                        # everything (median of 3 or 5 per row)
+    python benchmarks/compare.py                        # everything (median of 3, 5 or 9 per row)
     python benchmarks/compare.py --only first_call,many_calls --repeat 5
     python benchmarks/compare.py --libs pickmap,pool --json out.json --chart none
     python benchmarks/compare.py --only big_items,threads --scale 0.05 --repeat 1 --chart none   # a quick check
@@ -143,7 +143,7 @@ ROW_LIBS: dict[str, tuple[str, ...]] = {
 DEFAULT_REPEAT = {
     **dict.fromkeys(ORIGINAL_ROWS, 3),
     **dict.fromkeys((*BACKEND_ROWS, *DATA_ROWS, *DASK_ROWS), 5),
-    # Its target is a median of per-round ratios, and one round's ratio spans 0.75-1.5 on
+    # Its target is a median of per-round ratios, and one round's ratio spanned 0.65-1.54 on
     # this machine (the host's speed drifts within a second): 3 rounds decide by luck.
     "cpu": 9,
 }

@@ -44,8 +44,8 @@ _CALLER_ENDS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 class _End(_socket.socket):
     """One end of a worker's socket pair: ``_socket``'s socket, made weak-referenceable for
-    :data:`_CALLER_ENDS`. ``socket.py`` would cost a first call ~3-4 ms of imports
-    (``enum``, ``selectors``) for a pair whose descriptors pickmap reads and writes itself."""
+    :data:`_CALLER_ENDS`. ``socket.py`` would cost a first fork call ~4 ms of imports (itself,
+    ``selectors``, ``array``) for a pair whose descriptors pickmap reads and writes itself."""
 
     __slots__ = ("__weakref__",)
 
@@ -184,8 +184,14 @@ class ProcessWorker(Worker):
         caller_end, worker_end = _socket_pair()
         # Known at once: a worker forked meanwhile by another thread closes it (_CALLER_ENDS).
         _CALLER_ENDS.add(caller_end)
-        # Two doubles of shared memory: [item index, start time] while a timed call runs.
-        self._progress_path, self._progress_map = _shm.progress_segment("p")
+        try:
+            # Two doubles of shared memory: [item index, start time] while a timed call runs.
+            self._progress_path, self._progress_map = _shm.progress_segment("p")
+        except BaseException:
+            _CALLER_ENDS.discard(caller_end)
+            caller_end.close()
+            worker_end.close()
+            raise
         progress = memoryview(self._progress_map).cast("d")
         self.adopted_call: int | None = None
         try:
@@ -228,8 +234,9 @@ class ProcessWorker(Worker):
             import socket  # a spawn child costs far more than its ~4 ms
 
             context = importlib.import_module(package).get_context(start.start_method)
-            # multiprocessing pickles a socket.socket for the child (multiprocessing.reduction)
-            child_end = socket.socket(fileno=os.dup(worker_end.fileno()))
+            # multiprocessing pickles a socket.socket for the child (multiprocessing.reduction);
+            # the caller's later close of the detached worker_end does nothing
+            child_end = socket.socket(fileno=worker_end.detach())
             try:
                 process = context.Process(
                     target=process_main,
