@@ -227,6 +227,26 @@ def test_importing_numpy_keeps_the_fork_default_and_workers_limit_their_blas_poo
     assert untouched == str([[cpus]])
 
 
+def test_a_first_call_with_numpy_loaded_scans_the_loaded_libraries_for_blas_pools_once(clean_env):
+    # The scan is ~7 ms with numpy and pandas loaded: the fork-safety check and the cap on
+    # the pools while forking share one threadpoolctl controller.
+    code = (
+        "import numpy, pickmap, threadpoolctl\n"
+        "made = []\n"
+        "class Counted(threadpoolctl.ThreadpoolController):\n"
+        "    def __init__(self):\n"
+        "        made.append(1)\n"
+        "        super().__init__()\n"
+        "threadpoolctl.ThreadpoolController = Counted\n"
+        "if __name__ == '__main__':\n"
+        "    assert pickmap.pmap(abs, [-1, -2, -3], workers=2, backend='stdlib') == [1, 2, 3]\n"
+        "    print(pickmap.explain(abs, [1]).start_method, len(made))\n"
+    )
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: OpenBLAS starts no thread, nothing is scanned or capped")
+    assert _run_fresh(code).split() == ["fork", "1"]
+
+
 def test_a_worker_forked_with_numpy_loaded_starts_no_blas_thread_and_the_caller_keeps_its_pool(
     clean_env,
 ):

@@ -33,6 +33,7 @@ import threading
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 ENV_WORKERS = "PICKMAP_WORKERS"
 ENV_START_METHOD = "PICKMAP_START_METHOD"
@@ -68,6 +69,24 @@ def _thread_count() -> int:
 # libraries whose threads are quiesced around fork() by the library itself
 _FORK_SAFE_POOLS = ("openblas",)
 _fork_safe_cache: dict[int, bool] = {}
+_pool_controller: Any = None  # the last threadpoolctl view made (see pool_controller)
+
+
+def pool_controller(*, fresh: bool = False) -> Any:
+    """threadpoolctl's ``ThreadpoolController`` for this process's BLAS/OpenMP pools.
+
+    Made once and shared by the fork-safety check and the cap a fork call
+    puts on the pools (``backends._process``): with numpy and pandas loaded
+    the scan of ~100 libraries takes ~7 ms, a first call's largest cost after
+    its forks. ``fresh`` scans again (libraries loaded since). ImportError
+    without threadpoolctl.
+    """
+    global _pool_controller
+    if _pool_controller is None or fresh:
+        from threadpoolctl import ThreadpoolController
+
+        _pool_controller = ThreadpoolController()
+    return _pool_controller
 
 
 def _only_fork_safe_threads(threads: int) -> bool:
@@ -80,11 +99,11 @@ def _only_fork_safe_threads(threads: int) -> bool:
     safe = False
     if "numpy" in sys.modules or "scipy" in sys.modules:
         try:
-            from threadpoolctl import threadpool_info
+            # fresh: a new thread count may come with a library loaded since the last scan
+            pools = pool_controller(fresh=True).info()
         except ImportError:
-            threadpool_info = None
-        if threadpool_info is not None:
-            pools = threadpool_info()
+            pools = None
+        if pools is not None:
             others = [p for p in pools if p.get("internal_api") not in _FORK_SAFE_POOLS]
             # A pool of n threads runs n - 1 of its own beside the caller's.
             pooled = sum(max(0, int(p.get("num_threads", 1)) - 1) for p in pools)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 from .. import _fork, _shm, _wire
 from .._protocol import Message, Stop
+from .._settings import pool_controller
 from .._worker import blas_pools_loaded, process_main
 from .base import Backend, Worker, WorkerStart
 
@@ -83,7 +84,6 @@ def _preload(start: WorkerStart) -> set[str]:
 
 _PREPARING = threading.Lock()
 
-_pool_controller: Any = None  # threadpoolctl's view of this process's pools, made once
 _pool_cap: tuple[Any, int] | None = None  # (limiter, threads) while forks hold the pools capped
 _cap_holders: set[int] = set()  # ids of the calls that forked workers under the cap
 # Held from taking the cap to the end of the fork, so no call's end restores it in between.
@@ -107,7 +107,7 @@ def _cap_pools_for_fork(start: WorkerStart) -> tuple[Any, int] | None:
     threads are that idle pool (``_settings.default_start_method``).
     ``(limiter, threads)`` for the worker, or ``None`` when there is nothing to cap.
     """
-    global _pool_controller, _pool_cap
+    global _pool_cap
     if start.inheritance is None:
         return None
     call_id, threads = start.inheritance.spec.id, start.inheritance.spec.inner_threads
@@ -120,13 +120,10 @@ def _cap_pools_for_fork(start: WorkerStart) -> tuple[Any, int] | None:
             _cap_holders.add(call_id)
             return _pool_cap
         try:
-            if _pool_controller is None:
-                from threadpoolctl import ThreadpoolController
-
-                _pool_controller = ThreadpoolController()
-            if all(lib.num_threads <= threads for lib in _pool_controller.lib_controllers):
+            controller = pool_controller()
+            if all(lib.num_threads <= threads for lib in controller.lib_controllers):
                 return None
-            _pool_cap = (_pool_controller.limit(limits=threads), threads)
+            _pool_cap = (controller.limit(limits=threads), threads)
         except Exception:  # threadpoolctl missing or failing: the worker limits its pools itself
             return None
         _cap_holders.add(call_id)
