@@ -37,6 +37,39 @@ def test_records_keep_their_methods_docstrings_and_names_and_pickle_by_reference
     assert b"pickmap._protocol" in pickle.dumps(spec)  # by reference, not by value
 
 
+def test_a_record_behaves_as_the_namedtuple_with_the_same_fields_and_defaults():
+    import collections
+    import copy
+
+    from pickmap._records import NamedTuple
+
+    class Point(NamedTuple):
+        x: int
+        y: int = 0
+        label: str = ""
+
+    Plain = collections.namedtuple("Point", ["x", "y", "label"], defaults=[0, ""])
+    ours, theirs = Point(1, label="a"), Plain(1, label="a")
+    assert ours == theirs and hash(ours) == hash(theirs) and repr(ours) == repr(theirs)
+    assert Point._fields == Plain._fields and Point._field_defaults == Plain._field_defaults
+    assert Point.__match_args__ == Plain.__match_args__
+    assert Point.__new__.__defaults__ == Plain.__new__.__defaults__
+    assert ours._asdict() == theirs._asdict() and ours.y == 0 and ours[2] == "a"
+    replaced = ours._replace(y=5)
+    assert replaced == (1, 5, "a") and type(replaced) is Point
+    assert type(Point._make([1, 2, 3])) is Point and copy.deepcopy(ours) == ours
+    for build in (lambda: Point(), lambda: Point(1, 2, 3, 4), lambda: Point(1, z=2)):
+        with pytest.raises(TypeError):
+            build()
+    with pytest.raises(TypeError, match="Expected 3 arguments, got 1"):
+        Point._make([1])
+    with pytest.raises(ValueError, match="unexpected field names"):
+        ours._replace(z=1)
+    with pytest.raises(AttributeError):
+        ours.x = 2  # type: ignore[misc]
+    assert not hasattr(ours, "__dict__")
+
+
 def test_a_field_without_a_default_after_one_with_a_default_is_refused():
     from pickmap._records import NamedTuple
 
