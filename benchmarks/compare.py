@@ -752,6 +752,12 @@ TARGETS = (
         "import + one 8-item call, installed pickmap <= 1.15 x Pool.map",
         (("pool", 1.15),),
     ),
+    # issue 8 measures its rows "with numpy and pandas imported as a user's script would"
+    Target(
+        "first_call_installed_np+import",
+        "the same with numpy and pandas imported first, installed pickmap <= 1.15 x Pool.map",
+        (("pool", 1.15),),
+    ),
     # issue 11
     Target(
         "trivial_dask",
