@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from pickmap._protocol import CallSpec, Lost, Stop, Task
+from pickmap._records import NamedTuple as NamedTupleAtRunTime
 
 
 def python_c(code: str) -> str:
@@ -68,6 +69,40 @@ def test_a_record_behaves_as_the_namedtuple_with_the_same_fields_and_defaults():
     with pytest.raises(AttributeError):
         ours.x = 2  # type: ignore[misc]
     assert not hasattr(ours, "__dict__")
+
+
+class Outer:
+    class Inner(NamedTupleAtRunTime):  # a record nested in a class pickles by its qualname
+        a: int
+        b: int = 2
+
+
+class Empty(NamedTupleAtRunTime):
+    pass
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_records_nested_in_a_class_or_without_fields_pickle_at_every_protocol(protocol):
+    for record in (Outer.Inner(1), Empty(), Stop(), Task(1, 2, 3, b"x")):
+        loaded = pickle.loads(pickle.dumps(record, protocol=protocol))
+        assert loaded == record and type(loaded) is type(record)
+    assert Outer.Inner.__qualname__ == "Outer.Inner" and repr(Empty()) == "Empty()"
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="copy.replace() is new in 3.13")
+def test_copy_replace_changes_a_records_fields():
+    import copy
+
+    assert copy.replace(Outer.Inner(1), b=5) == (1, 5)  # type: ignore[attr-defined]
+
+
+def test_a_field_name_starting_with_an_underscore_is_refused_as_namedtuple_does():
+    from pickmap._records import NamedTuple
+
+    with pytest.raises(ValueError, match="underscore"):
+
+        class Bad(NamedTuple):
+            _cls: int
 
 
 def test_a_field_without_a_default_after_one_with_a_default_is_refused():

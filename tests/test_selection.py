@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 
 import pytest
 import zoo
@@ -245,6 +246,26 @@ def test_a_first_call_with_numpy_loaded_scans_the_loaded_libraries_for_blas_pool
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU: OpenBLAS starts no thread, nothing is scanned or capped")
     assert _run_fresh(code).split() == ["fork", "1"]
+
+
+def test_the_shared_pool_controller_is_made_again_once_a_module_that_loads_pools_is_imported(
+    monkeypatch,
+):
+    # The cap a fork call puts on the pools uses it: it must see a library imported after
+    # an earlier scan (explain(), an earlier call), not only what the first scan saw.
+    import types
+
+    from pickmap import _settings
+
+    pytest.importorskip("threadpoolctl")
+    first = _settings.pool_controller()
+    assert _settings.pool_controller() is first
+    absent = next((m for m in _settings.POOL_MODULES if m not in sys.modules), None)
+    if absent is None:
+        pytest.skip("every module that loads pools is imported already")
+    monkeypatch.setitem(sys.modules, absent, types.ModuleType(absent))
+    again = _settings.pool_controller()
+    assert again is not first and _settings.pool_controller() is again
 
 
 def test_a_worker_forked_with_numpy_loaded_starts_no_blas_thread_and_the_caller_keeps_its_pool(

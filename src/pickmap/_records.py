@@ -108,6 +108,7 @@ def _record_class(
         "__new__": new,
         "_make": classmethod(_make),
         "_replace": _replace,
+        "__replace__": _replace,  # copy.replace() (3.13)
         "__repr__": __repr__,
         "_asdict": _asdict,
         "__getnewargs__": __getnewargs__,
@@ -129,6 +130,9 @@ class _RecordMaker(type):
         declared = namespace.get("__annotations__")
         annotations = dict(declared) if isinstance(declared, dict) else {}
         fields = tuple(annotations)
+        for field in fields:
+            if field.startswith("_"):  # as namedtuple: they would shadow its own names
+                raise ValueError(f"{name}: field names cannot start with an underscore: {field!r}")
         defaults = tuple(namespace[field] for field in fields if field in namespace)
         if any(field not in namespace for field in fields[len(fields) - len(defaults) :]):
             raise TypeError(f"{name}: a field without a default follows one with a default")

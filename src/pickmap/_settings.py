@@ -70,22 +70,31 @@ def _thread_count() -> int:
 _FORK_SAFE_POOLS = ("openblas",)
 _fork_safe_cache: dict[int, bool] = {}
 _pool_controller: Any = None  # the last threadpoolctl view made (see pool_controller)
+_pool_controller_seen: tuple[bool, ...] = ()  # _pool_modules() when it was made
+
+POOL_MODULES = ("numpy", "scipy", "torch", "sklearn")  # what loads BLAS/OpenMP pools
+
+
+def _pool_modules() -> tuple[bool, ...]:
+    return tuple(module in sys.modules for module in POOL_MODULES)
 
 
 def pool_controller(*, fresh: bool = False) -> Any:
     """threadpoolctl's ``ThreadpoolController`` for this process's BLAS/OpenMP pools.
 
-    Made once and shared by the fork-safety check and the cap a fork call
-    puts on the pools (``backends._process``): with numpy and pandas loaded
-    the scan of ~100 libraries takes ~7 ms, a first call's largest cost after
-    its forks. ``fresh`` scans again (libraries loaded since). ImportError
-    without threadpoolctl.
+    Shared by the fork-safety check and the cap a fork call puts on the pools
+    (``backends._process``): with numpy and pandas loaded the scan of ~100
+    libraries takes ~7 ms, a first call's largest cost after its forks. It is
+    made again when ``fresh`` or when one of the modules that load pools
+    (numpy, scipy, torch, sklearn) was imported since; a library loaded any
+    other way after the scan is not seen. ImportError without threadpoolctl.
     """
-    global _pool_controller
-    if _pool_controller is None or fresh:
+    global _pool_controller, _pool_controller_seen
+    seen = _pool_modules()
+    if _pool_controller is None or fresh or seen != _pool_controller_seen:
         from threadpoolctl import ThreadpoolController
 
-        _pool_controller = ThreadpoolController()
+        _pool_controller, _pool_controller_seen = ThreadpoolController(), seen
     return _pool_controller
 
 

@@ -72,6 +72,7 @@ from ._protocol import (
     Task,
     Unsendable,
 )
+from ._settings import POOL_MODULES
 from .serializers import Serializer, get_serializer
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
@@ -266,9 +267,6 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
             lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), exc
         ),
     )
-
-
-POOL_MODULES = ("numpy", "scipy", "torch", "sklearn")  # what loads BLAS/OpenMP pools
 
 
 def blas_pools_loaded() -> bool:
