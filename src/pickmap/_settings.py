@@ -79,6 +79,11 @@ def _pool_modules() -> tuple[bool, ...]:
     return tuple(module in sys.modules for module in POOL_MODULES)
 
 
+def blas_pools_loaded() -> bool:
+    """Whether a module that loads BLAS/OpenMP pools is imported (else there is nothing to cap)."""
+    return any(_pool_modules())
+
+
 def pool_controller(*, fresh: bool = False) -> Any:
     """threadpoolctl's ``ThreadpoolController`` for this process's BLAS/OpenMP pools.
 

@@ -72,7 +72,7 @@ from ._protocol import (
     Task,
     Unsendable,
 )
-from ._settings import POOL_MODULES
+from ._settings import blas_pools_loaded
 from .serializers import Serializer, get_serializer
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
@@ -267,11 +267,6 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
             lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), exc
         ),
     )
-
-
-def blas_pools_loaded() -> bool:
-    """Whether a module that loads BLAS/OpenMP pools is imported (else there is nothing to cap)."""
-    return any(module in sys.modules for module in POOL_MODULES)
 
 
 _inner_limit: Any = None  # threadpoolctl's limiter, while a limit is applied

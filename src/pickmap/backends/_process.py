@@ -30,8 +30,8 @@ from collections.abc import Sequence
 
 from .. import _fork, _shm, _wire
 from .._protocol import Message, Stop
-from .._settings import pool_controller
-from .._worker import blas_pools_loaded, process_main
+from .._settings import blas_pools_loaded, pool_controller
+from .._worker import process_main
 from .base import Backend, Worker, WorkerStart
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see _records.py)
