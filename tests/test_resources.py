@@ -26,6 +26,7 @@ import time
 
 import faults
 import pytest
+import zoo
 from conftest import START_METHODS
 
 import pickmap
@@ -518,3 +519,58 @@ def test_a_payload_goes_through_shared_memory_when_its_large_buffers_add_up():
         assert len(set(_wire.segment_paths(shared))) == 1
     finally:
         _shm.unlink(_wire.segment_paths(shared))
+
+
+# =========================================================================== results mapped, not read
+def mapped_segments(writer: str = "") -> set[str]:
+    """The pickmap segments (of writers whose name starts so) this process has mapped, even once removed."""
+    with open("/proc/self/maps") as maps:
+        paths = {fields[5] for fields in map(str.split, maps) if len(fields) > 5}
+    return {p for p in paths if os.path.basename(p).startswith("pickmap-") and f"-{writer}" in p}
+
+
+@pytest.mark.parametrize("mapper", ["libc", "read"])
+def test_a_result_segment_is_mapped_without_a_descriptor_until_its_last_view_goes(
+    monkeypatch, mapper
+):
+    np = pytest.importorskip("numpy")
+    from pickmap import _shm
+
+    if mapper == "read":  # where ctypes or libc's mmap is missing: read into memory
+        monkeypatch.setattr(_shm, "_MAP_WITHOUT_FD", False)
+        monkeypatch.setattr(_shm, "_mapper", None)
+        monkeypatch.setattr(_shm, "_mapper_failed", True)
+    data = np.arange(5 << 17, dtype=np.float64)  # 5 MB: not a whole power of two of pages
+    (segment,) = _shm.write(
+        [memoryview(data).cast("B")], caller_pid=os.getpid(), writer="t", reader_unlinks=True
+    )
+    before = faults.open_fds()
+    mapping = _shm.map_segment(segment.path, writable=True)
+    _shm.unlink([segment.path])
+    assert faults.open_fds() == before  # results a caller keeps by the thousand hold no descriptor
+    result = np.frombuffer(_shm.view(mapping, segment), dtype=np.float64)
+    del mapping
+    gc.collect()
+    assert np.array_equal(result, data)
+    assert (segment.path in mapped_segments()) == (mapper == "libc")
+    result[:3] = -1.0  # private: the task's copy is the caller's to change
+    assert result[:3].tolist() == [-1.0] * 3 and result[3] == 3.0
+    del result
+    gc.collect()
+    assert segment.path not in mapped_segments()  # unmapped with its last view
+    assert not os.path.exists(segment.path)
+
+
+def test_large_results_a_caller_keeps_are_mappings_and_leave_nothing_once_dropped():
+    np = pytest.importorskip("numpy")
+    del pmap(zoo.filled_array, range(2), chunksize=1, **kw("stdlib", "fork"))[:]  # warm workers
+    gc.collect()
+    baseline = faults.open_fds()
+    results = pmap(zoo.filled_array, range(12), chunksize=1, **kw("stdlib", "fork"))
+    assert all(np.array_equal(r, np.full(6 << 17, float(i))) for i, r in enumerate(results))
+    assert faults.open_fds() == baseline  # not one descriptor per result kept
+    assert len(mapped_segments("w")) == 12  # the workers' result segments
+    results[0][0] = 1.5  # writable, as map's results are
+    del results
+    gc.collect()
+    assert mapped_segments("w") == set()

@@ -137,7 +137,8 @@ def write(
 # Before 3.13 an mmap object keeps a duplicate of the file's descriptor open
 # while it lives: results a caller keeps would each hold one, and a few
 # thousand would exhaust the process's descriptors. There, a writable segment
-# (items, results: read once, by one reader) is read into memory instead.
+# (items, results: read once, by one reader) is mapped through libc instead
+# (see _DescriptorFreeMapper), else read into memory.
 _MAP_WITHOUT_FD = sys.version_info >= (3, 13)
 
 
@@ -192,9 +193,87 @@ def map_segment(path: str, *, writable: bool) -> Any:
             return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
         if _MAP_WITHOUT_FD:
             return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY, trackfd=False)  # type: ignore[call-arg]
+        mapper = _descriptor_free_mapper()
+        if mapper is not None:
+            try:
+                return mapper.map(file.fileno(), size)
+            except OSError:
+                pass  # address space or map count exhausted: the read below still works
         buffer = bytearray(size)
         file.readinto(buffer)
         return buffer
+
+
+class _DescriptorFreeMapper:
+    """Copy-on-write mappings that hold no descriptor, through libc's ``mmap`` (Python < 3.13).
+
+    Reading a 4 MB result into memory costs the reader a copy and the page
+    faults of fresh memory; a mapping costs neither until a page is touched.
+    The buffer handed out is a ``memoryview`` of a ctypes array at the
+    mapping's address: every view, slice or numpy array made from it keeps
+    that array alive, and the mapping is unmapped when the array goes. The
+    array type's length is rounded up to one of a few sizes per doubling,
+    because ctypes keeps every array type it makes; the pages past the
+    file's end are never exposed (:func:`view` slices within the segment).
+    """
+
+    def __init__(self) -> None:
+        import ctypes
+        import weakref
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._mmap = libc.mmap
+        self._mmap.restype = ctypes.c_void_p
+        self._mmap.argtypes = (
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        )
+        self._munmap = libc.munmap
+        self._munmap.restype = ctypes.c_int
+        self._munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        self._failed = ctypes.c_void_p(-1).value
+        self._protection, self._flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE
+        self._ctypes = ctypes
+        self._finalize = weakref.finalize
+
+    def map(self, fd: int, size: int) -> memoryview:
+        length = _rounded_length(size)
+        address = self._mmap(None, length, self._protection, self._flags, fd, 0)
+        if address is None or address == self._failed:
+            error = self._ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+        owner = (self._ctypes.c_ubyte * length).from_address(address)
+        # Not at exit: a view still in use by another exit handler must not lose its pages.
+        self._finalize(owner, self._munmap, address, length).atexit = False
+        return memoryview(owner).cast("B")
+
+
+def _rounded_length(size: int) -> int:
+    """``size`` rounded up to whole pages, then to 4, 5, 6 or 7 times a power of two pages."""
+    pages = -(-max(size, 1) // mmap.PAGESIZE)
+    if pages > 4:
+        step = 1 << (pages.bit_length() - 3)
+        pages = -(-pages // step) * step
+    return pages * mmap.PAGESIZE
+
+
+_mapper: _DescriptorFreeMapper | None = None
+_mapper_failed = False
+
+
+def _descriptor_free_mapper() -> _DescriptorFreeMapper | None:
+    """The libc mapper, made on first use; ``None`` where ctypes or libc's ``mmap`` is not to be had."""
+    global _mapper, _mapper_failed
+    if _mapper is None and not _mapper_failed:
+        try:
+            _mapper = _DescriptorFreeMapper()
+        except (ImportError, OSError, AttributeError):
+            _mapper_failed = True
+    return _mapper
 
 
 def _remove(path: str) -> None:
