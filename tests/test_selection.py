@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
 import sys
 
 import pytest
@@ -233,12 +234,19 @@ def test_a_first_call_with_numpy_loaded_scans_the_loaded_libraries_for_blas_pool
     # the pools while forking share one threadpoolctl controller.
     code = (
         "import numpy, pickmap, threadpoolctl\n"
+        "from pickmap import _settings\n"
         "made = []\n"
         "class Counted(threadpoolctl.ThreadpoolController):\n"
         "    def __init__(self):\n"
         "        made.append(1)\n"
         "        super().__init__()\n"
         "threadpoolctl.ThreadpoolController = Counted\n"
+        "named = _settings._controller_of_pool_named_libraries\n"
+        "def counted(cls):\n"
+        "    found = named(cls)\n"
+        "    made.extend([1] if found is not None else [])\n"
+        "    return found\n"
+        "_settings._controller_of_pool_named_libraries = counted\n"
         "if __name__ == '__main__':\n"
         "    assert pickmap.pmap(abs, [-1, -2, -3], workers=2, backend='stdlib') == [1, 2, 3]\n"
         "    print(pickmap.explain(abs, [1]).start_method, len(made))\n"
@@ -246,6 +254,63 @@ def test_a_first_call_with_numpy_loaded_scans_the_loaded_libraries_for_blas_pool
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU: OpenBLAS starts no thread, nothing is scanned or capped")
     assert _run_fresh(code).split() == ["fork", "1"]
+
+
+def test_the_scan_of_pool_named_libraries_finds_what_threadpoolctls_full_scan_finds(
+    clean_env, tmp_path
+):
+    # It matches file names in /proc/self/maps before threadpoolctl makes controllers, where
+    # threadpoolctl resolves every library's symlinks first: a BLAS loaded through a link of
+    # another name must be found all the same (the kernel's path is the file's own).
+    pytest.importorskip("threadpoolctl")
+    code = (
+        "import ctypes, os, shutil, sys, numpy, threadpoolctl\n"
+        "from pickmap import _settings\n"
+        "def scans():\n"
+        "    named = _settings._controller_of_pool_named_libraries(threadpoolctl.ThreadpoolController)\n"
+        "    by_path = lambda pools: sorted(pools, key=lambda pool: pool['filepath'])\n"
+        "    full = threadpoolctl.ThreadpoolController().info()\n"
+        "    return by_path(named.info()), by_path(full)\n"
+        "named, full = scans()\n"
+        "assert named == full and full, (named, full)\n"
+        "blas = full[0]['filepath']\n"
+        "copy = os.path.join(sys.argv[1], 'libopenblas_copy.so')\n"
+        "shutil.copy(blas, copy)\n"
+        "os.symlink(copy, os.path.join(sys.argv[1], 'libalias.so'))\n"
+        "ctypes.CDLL(os.path.join(sys.argv[1], 'libalias.so'))\n"
+        "named, full = scans()\n"
+        "assert named == full and len(full) == 2, (named, full)\n"
+        "print(sorted(os.path.basename(p['filepath']) for p in named))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS"))}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "libopenblas_copy.so" in done.stdout
+
+
+def test_without_the_threadpoolctl_internals_it_uses_the_pool_scan_is_threadpoolctls_own(
+    monkeypatch,
+):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from pickmap import _settings
+
+    expected = threadpoolctl.ThreadpoolController().info()
+    monkeypatch.delattr(threadpoolctl, "_ALL_CONTROLLERS")
+    assert _settings._controller_of_pool_named_libraries(threadpoolctl.ThreadpoolController) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert _settings._controller_of_pool_named_libraries(threadpoolctl.ThreadpoolController) is None
+    monkeypatch.undo()
+    # only the narrowed scan uses it: the full scan still works without it
+    monkeypatch.delattr(threadpoolctl.ThreadpoolController, "_from_controllers")
+    assert _settings._controller_of_pool_named_libraries(threadpoolctl.ThreadpoolController) is None
+    assert _settings.pool_controller(fresh=True).info() == expected
 
 
 def test_the_shared_pool_controller_is_made_again_once_a_module_that_loads_pools_is_imported(
