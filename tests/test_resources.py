@@ -563,6 +563,7 @@ def test_a_result_segment_is_mapped_without_a_descriptor_until_its_last_view_goe
 
 def test_large_results_a_caller_keeps_are_mappings_and_leave_nothing_once_dropped():
     np = pytest.importorskip("numpy")
+    pools.shutdown()  # workers forked now: not ones an earlier test changed (its segment_dirs)
     del pmap(zoo.filled_array, range(2), chunksize=1, **kw("stdlib", "fork"))[:]  # warm workers
     gc.collect()
     baseline = faults.open_fds()
