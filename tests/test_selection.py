@@ -260,26 +260,35 @@ def test_the_scan_of_pool_named_libraries_finds_what_threadpoolctls_full_scan_fi
     clean_env, tmp_path
 ):
     # It matches file names in /proc/self/maps before threadpoolctl makes controllers, where
-    # threadpoolctl resolves every library's symlinks first: a BLAS loaded through a link of
-    # another name must be found all the same (the kernel's path is the file's own).
+    # threadpoolctl resolves every library's symlinks first, and threadpoolctl before 3.7
+    # takes the loader's names (dl_iterate_phdr): a BLAS loaded through a link of another
+    # name, or deleted from disk since it was loaded, must be found all the same.
     pytest.importorskip("threadpoolctl")
     code = (
         "import ctypes, os, shutil, sys, numpy, threadpoolctl\n"
         "from pickmap import _settings\n"
+        "Controller = threadpoolctl.ThreadpoolController\n"
+        "def by_path(controller):\n"
+        "    return sorted(controller.info(), key=lambda pool: pool['filepath'])\n"
         "def scans():\n"
-        "    named = _settings._controller_of_pool_named_libraries(threadpoolctl.ThreadpoolController)\n"
-        "    by_path = lambda pools: sorted(pools, key=lambda pool: pool['filepath'])\n"
-        "    full = threadpoolctl.ThreadpoolController().info()\n"
-        "    return by_path(named.info()), by_path(full)\n"
-        "named, full = scans()\n"
-        "assert named == full and full, (named, full)\n"
+        "    loader = Controller._from_controllers([])\n"
+        "    loader._find_libraries_with_dl_iterate_phdr()\n"
+        "    named = _settings._controller_of_pool_named_libraries(Controller)\n"
+        "    return by_path(named), by_path(loader), by_path(Controller())\n"
+        "named, loader, full = scans()\n"
+        "assert named == loader == full and full, (named, loader, full)\n"
         "blas = full[0]['filepath']\n"
-        "copy = os.path.join(sys.argv[1], 'libopenblas_copy.so')\n"
-        "shutil.copy(blas, copy)\n"
-        "os.symlink(copy, os.path.join(sys.argv[1], 'libalias.so'))\n"
-        "ctypes.CDLL(os.path.join(sys.argv[1], 'libalias.so'))\n"
-        "named, full = scans()\n"
-        "assert named == full and len(full) == 2, (named, full)\n"
+        "link = os.path.join(sys.argv[1], 'libalias.so')\n"
+        "shutil.copy(blas, os.path.join(sys.argv[1], 'libopenblas_copy.so'))\n"
+        "os.symlink('libopenblas_copy.so', link)\n"
+        "ctypes.CDLL(link)\n"
+        "named, loader, full = scans()\n"
+        "assert named == loader == full and len(full) == 2, (named, loader, full)\n"
+        "shutil.copy(blas, os.path.join(sys.argv[1], 'libopenblas_gone.so'))\n"
+        "ctypes.CDLL(os.path.join(sys.argv[1], 'libopenblas_gone.so'))\n"
+        "os.unlink(os.path.join(sys.argv[1], 'libopenblas_gone.so'))  # upgraded under a live process\n"
+        "named, loader, full = scans()\n"
+        "assert named == loader and len(named) == 3, (named, loader)\n"
         "print(sorted(os.path.basename(p['filepath']) for p in named))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS"))}
@@ -291,7 +300,7 @@ def test_the_scan_of_pool_named_libraries_finds_what_threadpoolctls_full_scan_fi
         env=env,
     )
     assert done.returncode == 0, done.stderr
-    assert "libopenblas_copy.so" in done.stdout
+    assert "libopenblas_copy.so" in done.stdout and "libopenblas_gone.so" in done.stdout
 
 
 def test_without_the_threadpoolctl_internals_it_uses_the_pool_scan_is_threadpoolctls_own(

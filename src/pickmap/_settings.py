@@ -115,7 +115,10 @@ def _controller_of_pool_named_libraries(controller_class: Any) -> Any:
     paths from ``/proc/self/maps``, where the kernel already gives each file's
     resolved path, so matching the names first finds the same libraries at a
     fraction of the cost; threadpoolctl still makes each controller (and
-    checks its symbols) itself. This uses threadpoolctl internals
+    checks its symbols) itself. A library deleted on disk since it was
+    loaded is found under its old name, as threadpoolctl's scan of the
+    loader's list (its older versions) finds it; its own scan of
+    ``/proc/self/maps`` (3.8) misses it. This uses threadpoolctl internals
     (``_ALL_CONTROLLERS``, ``_from_controllers``, ``_make_controller_from_path``);
     ``None``, for the full scan, where they are not as expected or off Linux.
     """
@@ -137,7 +140,11 @@ def _controller_of_pool_named_libraries(controller_class: Any) -> Any:
             while at >= 0:
                 end = text.find(b"\n", at) % (len(text) + 1)  # -1 (no newline): to the end
                 line = text[text.rfind(b"\n", 0, at) + 1 : end]
-                path, name = line[line.find(b" /") + 1 :], line.rpartition(b"/")[2].lower()
+                path = line[line.find(b" /") + 1 :]
+                # a library deleted on disk since it was loaded (an upgrade under a live
+                # process) is still loaded under its old name
+                path = path[: -len(b" (deleted)")] if path.endswith(b" (deleted)") else path
+                name = path.rpartition(b"/")[2].lower()
                 if name.startswith(prefix) and b".so" in name:
                     candidates.add(path.decode())
                 at = lowered.find(b"/" + prefix, end)
@@ -145,7 +152,7 @@ def _controller_of_pool_named_libraries(controller_class: Any) -> Any:
         for path in sorted(candidates):
             controller._make_controller_from_path(path)
         controller._warn_if_incompatible_openmp()
-    except (AttributeError, TypeError, OSError, UnicodeDecodeError):
+    except Exception:  # threadpoolctl internals not as expected: its own full scan
         return None
     return controller
 

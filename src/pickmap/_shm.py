@@ -214,7 +214,7 @@ class _DescriptorFreeMapper:
     that array alive, and the mapping is unmapped when the array goes. The
     array type's length is rounded up to one of a few sizes per doubling,
     because ctypes keeps every array type it makes; the pages past the
-    file's end are never exposed (:func:`view` slices within the segment).
+    file's end are never exposed (the buffer is sliced to the file's size).
     """
 
     def __init__(self) -> None:
@@ -246,10 +246,14 @@ class _DescriptorFreeMapper:
         if address is None or address == self._failed:
             error = self._ctypes.get_errno()
             raise OSError(error, os.strerror(error))
-        owner = (self._ctypes.c_ubyte * length).from_address(address)
-        # Not at exit: a view still in use by another exit handler must not lose its pages.
-        self._finalize(owner, self._munmap, address, length).atexit = False
-        return memoryview(owner).cast("B")
+        try:
+            owner = (self._ctypes.c_ubyte * length).from_address(address)
+            unmap = self._finalize(owner, self._munmap, address, length)
+        except BaseException:
+            self._munmap(address, length)
+            raise
+        unmap.atexit = False  # not at exit: a view another exit handler uses must keep its pages
+        return memoryview(owner).cast("B")[:size]  # never the pages past the file's end
 
 
 def _rounded_length(size: int) -> int:
