@@ -116,9 +116,9 @@ def _controller_of_pool_named_libraries(controller_class: Any) -> Any:
     resolved path, so matching the names first finds the same libraries at a
     fraction of the cost; threadpoolctl still makes each controller (and
     checks its symbols) itself. A library deleted on disk since it was
-    loaded is found under its old name, as threadpoolctl's scan of the
-    loader's list (its older versions) finds it; its own scan of
-    ``/proc/self/maps`` (3.8) misses it. This uses threadpoolctl internals
+    loaded (`` (deleted)`` after its path) is skipped, as threadpoolctl's own
+    scan of ``/proc/self/maps`` skips it: under its old name threadpoolctl
+    would cache whatever file is there now. This uses threadpoolctl internals
     (``_ALL_CONTROLLERS``, ``_from_controllers``, ``_make_controller_from_path``);
     ``None``, for the full scan, where they are not as expected or off Linux.
     """
@@ -141,16 +141,16 @@ def _controller_of_pool_named_libraries(controller_class: Any) -> Any:
                 end = text.find(b"\n", at) % (len(text) + 1)  # -1 (no newline): to the end
                 line = text[text.rfind(b"\n", 0, at) + 1 : end]
                 path = line[line.find(b" /") + 1 :]
-                # a library deleted on disk since it was loaded (an upgrade under a live
-                # process) is still loaded under its old name
-                path = path[: -len(b" (deleted)")] if path.endswith(b" (deleted)") else path
                 name = path.rpartition(b"/")[2].lower()
-                if name.startswith(prefix) and b".so" in name:
+                if name.startswith(prefix) and b".so" in name and not path.endswith(b" (deleted)"):
                     candidates.add(path.decode())
                 at = lowered.find(b"/" + prefix, end)
         controller = controller_class._from_controllers([])
-        for path in sorted(candidates):
-            controller._make_controller_from_path(path)
+        for candidate in sorted(candidates):
+            try:
+                controller._make_controller_from_path(candidate)
+            except OSError:  # one that will not open (threadpoolctl before 3.8 lets it through)
+                continue
         controller._warn_if_incompatible_openmp()
     except Exception:  # threadpoolctl internals not as expected: its own full scan
         return None

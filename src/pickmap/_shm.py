@@ -213,8 +213,9 @@ class _DescriptorFreeMapper:
     mapping's address: every view, slice or numpy array made from it keeps
     that array alive, and the mapping is unmapped when the array goes. The
     array type's length is rounded up to one of a few sizes per doubling,
-    because ctypes keeps every array type it makes; the pages past the
-    file's end are never exposed (the buffer is sliced to the file's size).
+    because ctypes keeps every array type it makes; the buffer and its views
+    are sliced to the file's size, so they never reach the pages past its
+    end (only the ctypes array itself, their ``.obj``, spans them).
     """
 
     def __init__(self) -> None:
@@ -249,7 +250,9 @@ class _DescriptorFreeMapper:
         try:
             owner = (self._ctypes.c_ubyte * length).from_address(address)
             unmap = self._finalize(owner, self._munmap, address, length)
-        except BaseException:
+        except (
+            Exception
+        ):  # not BaseException: a signal after finalize registered must not unmap twice
             self._munmap(address, length)
             raise
         unmap.atexit = False  # not at exit: a view another exit handler uses must keep its pages
