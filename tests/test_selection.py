@@ -263,7 +263,8 @@ def test_the_scan_of_pool_named_libraries_finds_what_threadpoolctls_full_scan_fi
     # threadpoolctl resolves every library's symlinks first, and its older versions take the
     # loader's names (dl_iterate_phdr): a BLAS loaded through a link of another name must be
     # found all the same. One deleted from disk since it was loaded is skipped, as
-    # threadpoolctl's own scan of /proc/self/maps skips it.
+    # threadpoolctl's own scan of /proc/self/maps (3.8) skips it; older ones, from the loader's
+    # list, still see it (the safe side: an unseen pool's threads make fork look unsafe).
     pytest.importorskip("threadpoolctl")
     code = (
         "import ctypes, os, shutil, sys, numpy, threadpoolctl\n"
@@ -289,7 +290,7 @@ def test_the_scan_of_pool_named_libraries_finds_what_threadpoolctls_full_scan_fi
         "ctypes.CDLL(os.path.join(sys.argv[1], 'libopenblas_gone.so'))\n"
         "os.unlink(os.path.join(sys.argv[1], 'libopenblas_gone.so'))\n"
         "named, loader, full = scans()\n"
-        "assert named == full and len(named) == 2, (named, full)\n"
+        "assert len(named) == 2 and all(pool in full for pool in named), (named, full)\n"
         "print(sorted(os.path.basename(p['filepath']) for p in named))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PICKMAP_", "OPENBLAS"))}

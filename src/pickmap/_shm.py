@@ -250,9 +250,9 @@ class _DescriptorFreeMapper:
         try:
             owner = (self._ctypes.c_ubyte * length).from_address(address)
             unmap = self._finalize(owner, self._munmap, address, length)
-        except (
-            Exception
-        ):  # not BaseException: a signal after finalize registered must not unmap twice
+        # Not BaseException, on purpose: a KeyboardInterrupt here may come after finalize
+        # registered, and unmapping then would unmap twice; before, it leaks one mapping.
+        except Exception:
             self._munmap(address, length)
             raise
         unmap.atexit = False  # not at exit: a view another exit handler uses must keep its pages
