@@ -22,9 +22,10 @@ pytestmark = pytest.mark.timeout(120)
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
-def run_python(
+def run_python_completed(
     args: list[str], env_extra: dict[str, str] | None = None, cwd: str | None = None
-) -> str:
+) -> subprocess.CompletedProcess[str]:
+    """A child interpreter with this checkout's pickmap and no PICKMAP_ variable of ours; it must exit 0."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKMAP_")}
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
@@ -34,7 +35,13 @@ def run_python(
     assert done.returncode == 0, (
         f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     )
-    return done.stdout
+    return done
+
+
+def run_python(
+    args: list[str], env_extra: dict[str, str] | None = None, cwd: str | None = None
+) -> str:
+    return run_python_completed(args, env_extra, cwd).stdout
 
 
 DASH_C = textwrap.dedent(
@@ -361,6 +368,34 @@ def test_an_idle_timeout_beyond_what_poll_takes_means_workers_never_idle_out(tmp
     for timeout in ("1e10", "inf"):
         out = run_python(["-c", code], {"PICKMAP_IDLE_TIMEOUT": timeout}, cwd=str(tmp_path))
         assert out.splitlines() == ["[1, 2]"]
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_workers_that_idle_out_leave_no_unclosed_socket_warning(tmp_path, method):
+    # Under -X dev every ResourceWarning is shown; a spawn or forkserver worker leaves
+    # through the interpreter's shutdown, which reports a socket still open.
+    script = tmp_path / "idle.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time
+            import pickmap
+
+            def double(x):
+                return 2 * x
+
+            if __name__ == "__main__":
+                print(pickmap.pmap(double, range(4), start_method={method!r}, chunksize=1))
+                time.sleep(1.0)  # both workers idle out and exit
+                print(pickmap.pmap(double, range(4), start_method={method!r}, chunksize=1))
+            """
+        )
+    )
+    done = run_python_completed(
+        ["-X", "dev", "-W", "always", str(script)], {"PICKMAP_IDLE_TIMEOUT": "0.2"}
+    )
+    assert done.stdout.splitlines() == ["[0, 2, 4, 6]", "[0, 2, 4, 6]"]
+    assert "Warning" not in done.stderr, done.stderr
 
 
 def test_what_the_caller_printed_before_a_fork_call_is_written_once(tmp_path):

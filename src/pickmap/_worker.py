@@ -672,3 +672,7 @@ def process_main(
         serve(recv, lambda replies: _wire.write_frame(fd, replies), state)
     except (EOFError, OSError, SystemExit):
         pass  # the caller went away or we said BYE; forked_main (or Process) flushes and exits
+    finally:
+        # A spawn or forkserver worker exits through the interpreter's shutdown, which
+        # would find the socket still open (a ResourceWarning under -X dev or -W default).
+        conn.close()
