@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import select
 import time
 
 import numpy
@@ -93,6 +94,76 @@ def test_idle_exit_racing_a_new_call_loses_no_chunk(monkeypatch):
         ]
         time.sleep(pause)
     pickmap.shutdown()
+
+
+class _InertWorker:
+    """Enough of a worker for WorkerPool's bookkeeping: nothing runs."""
+
+    adopted_call = None
+
+    def __init__(self) -> None:
+        self.killed = False
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+class _InertBackend:
+    name = "inert"
+    max_queued = 2
+    keep_warm = True
+
+    def start_worker(self, start: object) -> _InertWorker:
+        return _InertWorker()
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_a_worker_removed_as_unusable_wakes_the_call_first_in_line():
+    pool = pools.WorkerPool(_InertBackend(), None, 1, 300.0)  # type: ignore[arg-type]
+    held = pool.pick(call_id=3)
+    assert held is not None
+    assert pool.pick(call_id=1) is None  # the one worker is held: call 1 waits in line
+    waiting = pool.turn_fd(1)
+    assert waiting is not None and not _readable(waiting)
+    # The worker is handed back and idles out before call 1 looks again; call 2 looks
+    # first and removes it. The room it leaves is call 1's, who must be told.
+    held.owner = None
+    held.said_bye = True
+    assert pool.pick(call_id=2) is None
+    assert held.worker.killed and held not in pool.slots
+    assert _readable(waiting)
+    assert pool.pick(call_id=1) is not None
+    pool.close(kill=True)
+
+
+def test_a_pool_replaced_while_its_last_call_ends_is_closed_once(monkeypatch):
+    # Another instance of a backend under the same name replaces the pool just as its
+    # last call releases it: the release and the replacing acquire must not both close it.
+    old = pools.acquire(_InertBackend(), None, 1, 300.0)  # type: ignore[arg-type]
+    closes: list[bool] = []
+    monkeypatch.setattr(old, "close", lambda kill=False: closes.append(kill))
+    real_lock = pools._LOCK
+
+    class ReplaceOnFirstExit:
+        replaced = False
+
+        def __enter__(self) -> None:
+            real_lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            real_lock.release()
+            if not self.replaced:  # right after release() let go of the lock
+                self.replaced = True
+                pools.release(pools.acquire(_InertBackend(), None, 1, 300.0))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pools, "_LOCK", ReplaceOnFirstExit())
+    pools.release(old)
+    assert closes == [False]
+    monkeypatch.setattr(pools, "_LOCK", real_lock)
+    pools.shutdown()
 
 
 def test_known_length_gives_each_worker_several_chunks():

@@ -202,6 +202,8 @@ class WorkerPool:
             dead = [s for s in self.slots if _free_but_unusable(s)]
             for slot in dead:
                 self.slots.remove(slot)
+            if dead:
+                self._wake_next()  # room to start a worker, for the call first in line
         for slot in dead:
             slot.worker.kill()
 
@@ -422,8 +424,10 @@ def release(pool: WorkerPool) -> None:
             pool.retired = True
             if _POOLS.get(pool.key) is pool:
                 del _POOLS[pool.key]
-        last = pool.users == 0
-    if last and pool.retired:
+        # Decided under the lock: acquire() retires a replaced pool and closes it itself
+        # when it finds no user, so exactly one of the two closes it.
+        close = pool.users == 0 and pool.retired
+    if close:
         pool.close(kill=broken)
 
 
