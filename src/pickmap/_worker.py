@@ -673,6 +673,10 @@ def process_main(
     except (EOFError, OSError, SystemExit):
         pass  # the caller went away or we said BYE; forked_main (or Process) flushes and exits
     finally:
-        # A spawn or forkserver worker exits through the interpreter's shutdown, which
-        # would find the socket still open (a ResourceWarning under -X dev or -W default).
-        conn.close()
+        # A spawn worker exits through the interpreter's shutdown, which would find the
+        # socket still open (a ResourceWarning under -X dev or -W default); fork and
+        # fork-server workers leave with os._exit.
+        try:
+            conn.close()
+        except OSError:  # the task closed the descriptor itself: the exit stays clean
+            pass
