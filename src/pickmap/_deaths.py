@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 
 from . import errors
@@ -30,6 +29,8 @@ __all__ = ("Attempts", "check_timeouts", "item_started", "on_death")
 
 def _describe_exit(code: int | None) -> str:
     if code is not None and code < 0:
+        import signal  # only once a worker died: signal.py brings enum, ~1.5 ms of a first call
+
         try:
             return f"signal {signal.Signals(-code).name} (exit code {code})"
         except ValueError:

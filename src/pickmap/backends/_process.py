@@ -22,6 +22,7 @@ from __future__ import annotations
 import _socket
 import importlib
 import os
+import sys
 import threading
 import time
 import warnings
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 
 from .. import _fork, _shm, _wire
 from .._protocol import Message, Stop
-from .._settings import blas_pools_loaded, pool_controller
+from .._settings import _thread_count, blas_pools_loaded, pool_controller
 from .._worker import process_main
 from .base import Backend, Worker, WorkerStart
 
@@ -262,6 +263,11 @@ class ProcessWorker(Worker):
                 adopted,
                 capped,
             )
+            if sys.version_info < (3, 12) or _thread_count() <= 1:
+                # Nothing to silence: the warning is new in 3.12, and only for a process with
+                # other threads. (filterwarnings compiles its message, and importing re for
+                # that is ~3 ms of a first call in a process that has not imported it.)
+                return _fork.ForkedProcess((), args)
             with warnings.catch_warnings():
                 # Python 3.12+ warns on any fork of a multi-threaded process; pickmap forks
                 # with other threads only when they are an OpenBLAS pool (see _settings.py).
